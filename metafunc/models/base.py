@@ -1,0 +1,218 @@
+"""The model protocol and the functional layers models are built from.
+
+A model is a pair of pure functions over a flat ``{'layer.weight': tensor}`` parameter dict (the
+layout of a ``state_dict``)::
+
+    params = model.init(generator)                      # -> dict of tensors
+    y = model.apply(params, x)                           # batch statistics in batch norm
+    y, state = model.apply(params, x, state=state)       # explicit running statistics
+
+State (batch-norm running statistics) is never hidden in the model: ``model.init_state()`` makes
+it, ``apply`` takes it and returns the new one. Without ``state``, batch norm normalises with the
+statistics of the batch it sees, per task under ``vmap`` (MAML's setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Model",
+    "Params",
+    "State",
+    "batch_norm",
+    "conv_init",
+    "linear_init",
+]
+
+Params = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model as pure functions.
+
+    Attributes:
+        init: ``init(generator=None, *, dtype=torch.float32, device=None) -> params``. Draws on the
+            CPU from ``generator`` (a fixed seed when ``None``) and then moves to ``device``, so a
+            seed gives the same initial parameters on every device.
+        apply: ``apply(params, x, *, state=None, training=True)``: returns ``y``, or
+            ``(y, new_state)`` when ``state`` is given.
+        init_state: ``init_state(*, dtype=torch.float32, device=None) -> state``: the running
+            statistics of every batch norm (an empty dict for a model without any).
+        features: ``features(params, x) -> embedding``, the network without its head, where the
+            model has a linear head (``None`` otherwise). ANIL, Prototypical Networks and the
+            fine-tune baseline use it.
+        head: the path prefix of the linear head (``'head'``), or ``None``.
+        name: a short description, for logs.
+    """
+
+    init: Callable[..., Params]
+    apply: Callable[..., Any]
+    init_state: Callable[..., State]
+    features: Callable[..., torch.Tensor] | None = None
+    head: str | None = None
+    name: str = "model"
+
+
+def conv_init(
+    generator: torch.Generator,
+    out_ch: int,
+    in_ch: int,
+    k: int,
+    *,
+    bias: bool = True,
+    mode: str = "xavier",
+) -> dict[str, torch.Tensor]:
+    """Weight (and zero bias) of a ``k x k`` convolution, drawn from ``generator``.
+
+    ``mode='xavier'`` is Glorot-uniform (MAML's conv initialiser); ``'kaiming'`` is He-normal with
+    fan-out (the usual ResNet-12 initialiser).
+    """
+    w = torch.empty(out_ch, in_ch, k, k)
+    if mode == "xavier":
+        torch.nn.init.xavier_uniform_(w, generator=generator)
+    elif mode == "kaiming":
+        torch.nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", generator=generator)
+    else:
+        raise ValueError(f"conv_init(mode): mode must be 'xavier' or 'kaiming', got {mode!r}.")
+    out = {"weight": w}
+    if bias:
+        out["bias"] = torch.zeros(out_ch)
+    return out
+
+
+def linear_init(
+    generator: torch.Generator, out_f: int, in_f: int, *, mode: str = "xavier", std: float = 0.01
+) -> dict[str, torch.Tensor]:
+    """Weight and zero bias of a linear layer: Glorot-uniform, or truncated normal with ``std``
+    (``mode='normal'``, the initialiser of MAML's sinusoid network)."""
+    w = torch.empty(out_f, in_f)
+    if mode == "xavier":
+        torch.nn.init.xavier_uniform_(w, generator=generator)
+    elif mode == "normal":
+        torch.nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std, generator=generator)
+    else:
+        raise ValueError(f"linear_init(mode): mode must be 'xavier' or 'normal', got {mode!r}.")
+    return {"weight": w, "bias": torch.zeros(out_f)}
+
+
+def prefixed(prefix: str, tree: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{'weight': w}`` -> ``{'prefix.weight': w}``."""
+    return {f"{prefix}.{k}": v for k, v in tree.items()}
+
+
+def finalize(
+    params: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str | None
+) -> Params:
+    """Cast freshly drawn CPU parameters to ``dtype`` and move them to ``device``."""
+    return {k: v.to(dtype=dtype, device=device) for k, v in params.items()}
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    return generator if generator is not None else torch.Generator().manual_seed(0)
+
+
+def batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Batch normalisation over dim 1 of ``x`` written from primitive ops (mean, var, rsqrt).
+
+    ``F.batch_norm`` in training mode gives wrong second-order gradients under
+    ``torch.func.vmap`` on torch 2.14 (functorch#534); this version is exact, and tested against a
+    per-task loop.
+
+    With ``training`` (or without running statistics) it normalises with the batch's own
+    statistics and, when running statistics are given, returns them updated as
+    ``torch.nn.BatchNorm`` does (momentum, unbiased variance, no gradient). Otherwise it
+    normalises with the running statistics and returns them unchanged.
+
+    Returns:
+        ``(y, new_running_mean, new_running_var)``; the last two are ``None`` when no running
+        statistics were given.
+    """
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if training or running_mean is None or running_var is None:
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, correction=0)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+        if running_mean is not None and running_var is not None:
+            n = x.numel() // x.shape[1]
+            unbiased = var.detach() * (n / max(n - 1, 1))
+            running_mean = (1 - momentum) * running_mean + momentum * mean.detach()
+            running_var = (1 - momentum) * running_var + momentum * unbiased
+    else:
+        y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y, running_mean, running_var
+
+
+def bn_layer(
+    params: Params,
+    state: State | None,
+    new_state: State,
+    name: str,
+    x: torch.Tensor,
+    training: bool,
+    momentum: float = 0.1,
+) -> torch.Tensor:
+    """Apply the batch norm ``name`` of a native model, recording its new running statistics."""
+    if state is None:
+        y, _, _ = batch_norm(x, params[f"{name}.weight"], params[f"{name}.bias"])
+        return y
+    y, mean, var = batch_norm(
+        x,
+        params[f"{name}.weight"],
+        params[f"{name}.bias"],
+        state[f"{name}.running_mean"],
+        state[f"{name}.running_var"],
+        training=training,
+        momentum=momentum,
+    )
+    assert mean is not None and var is not None
+    new_state[f"{name}.running_mean"] = mean
+    new_state[f"{name}.running_var"] = var
+    return y
+
+
+def bn_params(name: str, channels: int) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": torch.ones(channels), f"{name}.bias": torch.zeros(channels)}
+
+
+def bn_state(
+    names: list[tuple[str, int]], dtype: torch.dtype, device: torch.device | str | None
+) -> State:
+    state: State = {}
+    for name, channels in names:
+        state[f"{name}.running_mean"] = torch.zeros(channels, dtype=dtype, device=device)
+        state[f"{name}.running_var"] = torch.ones(channels, dtype=dtype, device=device)
+    return state
+
+
+def linear(x: torch.Tensor, params: Params, name: str) -> torch.Tensor:
+    return F.linear(x, params[f"{name}.weight"], params[f"{name}.bias"])
+
+
+def check_input(call: str, x: torch.Tensor, ndim: int, what: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{call}: x is a {type(x).__qualname__}; pass a tensor shaped {what}.")
+    if x.dim() != ndim:
+        raise ValueError(f"{call}: x has shape {tuple(x.shape)}; expected {what}.")

@@ -1,0 +1,187 @@
+"""Any ``torch.nn.Module`` as a pure function, through ``torch.func.functional_call``."""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+from typing import Any, cast
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metafunc.models.base import Model, Params, State, batch_norm, default_generator
+
+__all__ = ["FunctionalBatchNorm", "from_module"]
+
+# Collects the running statistics the converted batch norms compute during one ``apply`` call;
+# ``None`` outside a stateful call (then batch norms use batch statistics and record nothing).
+_UPDATES: contextvars.ContextVar[dict[str, torch.Tensor] | None] = contextvars.ContextVar(
+    "metafunc_bn_updates", default=None
+)
+
+# Layers that call F.batch_norm / F.instance_norm inside and have not been verified under vmap.
+_REFUSED = (nn.modules.instancenorm._InstanceNorm,)
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Drop-in replacement for ``nn.BatchNorm1d/2d/3d`` (and ``SyncBatchNorm``) built on
+    :func:`metafunc.models.batch_norm`, which has exact second-order gradients under ``vmap``.
+
+    Keeps the original parameter and buffer names (``weight``, ``bias``, ``running_mean``,
+    ``running_var``) so state dicts load unchanged.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, path: str) -> None:
+        super().__init__()
+        if bn.momentum is None:
+            raise ValueError(
+                f"from_module(module): {path} is a {type(bn).__name__} with momentum=None "
+                "(cumulative averaging), which needs an integer step buffer torch.func cannot "
+                f"carry. Set module.{path}.momentum = 0.1 (or another float) first."
+            )
+        self.path = path
+        self.eps = bn.eps
+        self.momentum = float(bn.momentum)
+        self.weight = bn.weight
+        self.bias = bn.bias
+        self.track = bn.track_running_stats
+        if self.track:
+            self.register_buffer("running_mean", bn.running_mean)
+            self.register_buffer("running_var", bn.running_var)
+        self.training = bn.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        updates = _UPDATES.get()
+        if updates is None or not self.track:
+            y, _, _ = batch_norm(x, self.weight, self.bias, eps=self.eps)
+            return y
+        y, mean, var = batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            cast(torch.Tensor, self.running_mean),
+            cast(torch.Tensor, self.running_var),
+            training=self.training,
+            momentum=self.momentum,
+            eps=self.eps,
+        )
+        assert mean is not None and var is not None
+        prefix = f"{self.path}." if self.path else ""
+        updates[f"{prefix}running_mean"] = mean
+        updates[f"{prefix}running_var"] = var
+        return y
+
+
+def _convert(module: nn.Module, convert_batchnorm: bool) -> nn.Module:
+    """Replace every batch norm in ``module`` (a private copy) by :class:`FunctionalBatchNorm`."""
+    found = []
+    for path, sub in list(module.named_modules()):
+        if isinstance(sub, _REFUSED):
+            raise TypeError(
+                f"from_module(module): {path} is a {type(sub).__name__}, which runs "
+                "F.instance_norm / F.batch_norm inside and is not verified to give correct "
+                "second-order gradients under vmap. Replace it, e.g. with nn.GroupNorm("
+                "num_channels, num_channels), which metafunc tests under vmap."
+            )
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            found.append(path)
+    if found and not convert_batchnorm:
+        raise ValueError(
+            f"from_module(module, convert_batchnorm=False): {found[0]} is a batch norm; "
+            "F.batch_norm gives wrong second-order gradients under torch.func.vmap on this torch "
+            "(functorch#534). Pass convert_batchnorm=True (the default) to replace it with "
+            "metafunc's exact batch norm."
+        )
+    if not found:
+        return module
+    if found == [""]:
+        return FunctionalBatchNorm(module, "")  # type: ignore[arg-type]
+    for path in found:
+        parent_path, _, child = path.rpartition(".")
+        parent = module.get_submodule(parent_path) if parent_path else module
+        setattr(parent, child, FunctionalBatchNorm(getattr(parent, child), path))
+    return module
+
+
+def from_module(
+    module: nn.Module, *, convert_batchnorm: bool = True, head: str | None = None
+) -> Model:
+    """Turn ``module`` into a :class:`Model`: parameters and buffers become explicit trees.
+
+    ``params`` is ``dict(module.named_parameters())``; the state is the floating-point buffers
+    (batch-norm running statistics), passed in and returned. The module is deep-copied once; its
+    own tensors are never modified. Batch norms are replaced with metafunc's exact batch norm
+    (``F.batch_norm`` is wrong under ``vmap`` for second order); instance norms are refused.
+
+    ``init(generator)`` re-initialises every submodule that has ``reset_parameters`` from a seed
+    drawn from ``generator``; ``init()`` without a generator returns a copy of the module's current
+    parameters (e.g. pretrained weights). ``apply(params, x, state=None, training=True)``: without
+    state, batch norms use batch statistics (MAML's setting); with state they use and update the
+    running statistics as ``nn.BatchNorm`` does in train/eval mode. Dropout follows ``training``
+    (under ``vmap`` that needs ``randomness='different'``).
+
+    Example::
+
+        model = from_module(torchvision.models.resnet18(num_classes=5), head="fc")
+        params = model.init()
+        logits = model.apply(params, images)
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"from_module(module): expected a torch.nn.Module, got {type(module).__qualname__}."
+        )
+    net = _convert(copy.deepcopy(module), convert_batchnorm)
+    template_params = {k: v.detach() for k, v in net.named_parameters()}
+    template_state = {k: v.detach() for k, v in net.named_buffers() if v.is_floating_point()}
+    if head is not None and not any(k.startswith(head + ".") for k in template_params):
+        raise ValueError(
+            f"from_module(head={head!r}): no parameter starts with {head + '.'!r}; parameters: "
+            f"{list(template_params)[:8]}."
+        )
+
+    def init_fn(
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Params:
+        if generator is None:
+            source = template_params
+        else:
+            seed = int(torch.randint(0, 2**62, (1,), generator=default_generator(generator)))
+            fresh = copy.deepcopy(net).cpu()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                for sub in fresh.modules():
+                    reset = getattr(sub, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+            source = {k: v.detach() for k, v in fresh.named_parameters()}
+        return {k: v.detach().clone().to(dtype=dtype, device=device) for k, v in source.items()}
+
+    def init_state(
+        *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+    ) -> State:
+        return {k: v.clone().to(dtype=dtype, device=device) for k, v in template_state.items()}
+
+    def apply(params: Params, x: Any, *, state: State | None = None, training: bool = True) -> Any:
+        net.train(training)
+        if state is None:
+            return functional_call(net, params, (x,))
+        updates: dict[str, torch.Tensor] = {}
+        token = _UPDATES.set(updates)
+        try:
+            y = functional_call(net, (params, state), (x,))
+        finally:
+            _UPDATES.reset(token)
+        return y, {k: updates.get(k, v) for k, v in state.items()}
+
+    return Model(
+        init_fn,
+        apply,
+        init_state,
+        features=None,
+        head=head,
+        name=f"from_module({type(module).__name__})",
+    )

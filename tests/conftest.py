@@ -1,0 +1,43 @@
+"""Shared fixtures: seeded generators, float64 defaults for gradient tests, the shared data root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fresh CPU generator with a fixed seed, so every test is reproducible."""
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def data_root() -> Path:
+    """The shared data folder from ``METAFUNC_DATA``.
+
+    Without it the test skips with a reason, except under CI (``CI=true``), where it must run.
+    """
+    value = os.environ.get("METAFUNC_DATA")
+    if not value:
+        if os.environ.get("CI"):
+            pytest.fail("METAFUNC_DATA is not set under CI; .ci/run must export it")
+        pytest.skip("METAFUNC_DATA is not set; point it at the folder holding omniglot-py/")
+    root = Path(value)
+    if not (root / "omniglot-py").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"METAFUNC_DATA={value} has no omniglot-py/ folder")
+        pytest.skip(f"METAFUNC_DATA={value} has no omniglot-py/ folder")
+    return root
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
