@@ -12,7 +12,7 @@ from typing import Any
 
 from metafunc import models, optim, tree
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import STRATEGIES, adapt, default_strategy, task_map
+from metafunc.inner import STRATEGIES, adapt, check_strategies, default_strategy, task_map
 from metafunc.models import Model, conv4, from_module, mlp, resnet12
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "TaskBatch",
     "__version__",
     "adapt",
+    "check_strategies",
     "conv4",
     "data",
     "default_strategy",

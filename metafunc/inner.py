@@ -21,7 +21,7 @@ import torch
 from metafunc import tree as mt
 from metafunc.optim.base import GradientTransformation, apply_updates
 
-__all__ = ["STRATEGIES", "adapt", "default_strategy", "task_map"]
+__all__ = ["STRATEGIES", "adapt", "check_strategies", "default_strategy", "task_map"]
 
 Strategy = Literal["auto", "vmap", "chunked", "loop"]
 STRATEGIES: tuple[str, ...] = ("auto", "vmap", "chunked", "loop")
@@ -253,3 +253,58 @@ def task_map(
         return optree.tree_map(lambda *ts: torch.stack(ts), *outs)
 
     return mapped
+
+
+def check_strategies(
+    fn: Callable[..., torch.Tensor],
+    *args: Any,
+    strategies: Sequence[str] = ("vmap",),
+    in_dims: Sequence[int | None] = (None, 0),
+    chunk_size: int | None = None,
+    rtol: float = 1e-6,
+) -> dict[str, float]:
+    """Check that ``task_map(fn)`` gives the per-task loop's value and gradient under other
+    strategies, before trusting a new layer under ``vmap``.
+
+    ``fn(meta_params, task, ...) -> per-task scalar loss``; the gradient is taken with respect to
+    ``args[0]`` of the mean over tasks, so a ``fn`` that adapts inside checks second-order
+    gradients. Run it in float64 for a sharp test.
+
+    Returns:
+        ``{strategy: relative error}`` of the gradient against the loop (global L2 norms).
+
+    Raises:
+        ValueError: a strategy differs from the loop by more than ``rtol``.
+    """
+    call = "check_strategies(fn, *args)"
+
+    def grad_of(strategy: str) -> tuple[torch.Tensor, Any]:
+        mapped = task_map(fn, strategy=strategy, in_dims=in_dims, chunk_size=chunk_size)
+
+        def total(p: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            value = mapped(p, *args[1:]).mean()
+            return value, value.detach()
+
+        grads, value = torch.func.grad(total, has_aux=True)(args[0])
+        return value, grads
+
+    ref_value, ref_grads = grad_of("loop")
+    scale = float(mt.global_norm(ref_grads)) or 1.0
+    errors: dict[str, float] = {}
+    for strategy in strategies:
+        value, grads = grad_of(strategy)
+        err = float(mt.global_norm(mt.sub(grads, ref_grads))) / scale
+        errors[strategy] = err
+        value_err = abs(float(value - ref_value)) / (abs(float(ref_value)) or 1.0)
+        if err > rtol or value_err > rtol:
+            worst = max(
+                mt.flatten_with_paths(mt.sub(grads, ref_grads)).items(),
+                key=lambda kv: float(kv[1].abs().max()),
+            )[0]
+            raise ValueError(
+                f"{call}: strategy {strategy!r} differs from the per-task loop: gradient "
+                f"relative error {err:.3g}, value relative error {value_err:.3g} (rtol {rtol:g}); "
+                f"largest difference at {worst!r}. A layer in fn is wrong under vmap: write it "
+                "from primitive ops, or use strategy='loop'."
+            )
+    return errors

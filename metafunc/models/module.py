@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from metafunc.models.base import Model, Params, State, batch_norm, default_generator
 
-__all__ = ["FunctionalBatchNorm", "from_module"]
+__all__ = ["FunctionalBatchNorm", "FunctionalLayerNorm", "from_module"]
 
 # Collects the running statistics the converted batch norms compute during one ``apply`` call;
 # ``None`` outside a stateful call (then batch norms use batch statistics and record nothing).
@@ -73,50 +73,91 @@ class FunctionalBatchNorm(nn.Module):
         return y
 
 
-def _convert(module: nn.Module, convert_batchnorm: bool) -> nn.Module:
-    """Replace every batch norm in ``module`` (a private copy) by :class:`FunctionalBatchNorm`."""
-    found = []
-    for path, sub in list(module.named_modules()):
-        if isinstance(sub, _REFUSED):
-            raise TypeError(
-                f"from_module(module): {path} is a {type(sub).__name__}, which runs "
-                "F.instance_norm / F.batch_norm inside and is not verified to give correct "
-                "second-order gradients under vmap. Replace it, e.g. with nn.GroupNorm("
-                "num_channels, num_channels), which metafunc tests under vmap."
-            )
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            found.append(path)
-    if found and not convert_batchnorm:
-        raise ValueError(
-            f"from_module(module, convert_batchnorm=False): {found[0]} is a batch norm; "
-            "F.batch_norm gives wrong second-order gradients under torch.func.vmap on this torch "
-            "(functorch#534). Pass convert_batchnorm=True (the default) to replace it with "
-            "metafunc's exact batch norm."
+class FunctionalLayerNorm(nn.Module):
+    """Drop-in replacement for ``nn.LayerNorm`` written from primitive ops: ``F.layer_norm``
+    gives wrong second-order gradients under ``vmap`` on torch 2.14 (about 2% relative error in
+    metafunc's tests), this is exact. Keeps the parameter names ``weight`` and ``bias``."""
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        self.dims = tuple(range(-len(ln.normalized_shape), 0))
+        self.eps = ln.eps
+        self.weight = ln.weight
+        self.bias = ln.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=self.dims, keepdim=True)
+        var = x.var(dim=self.dims, correction=0, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
+
+
+def _replacement(sub: nn.Module, path: str, convert: bool) -> nn.Module | None:
+    """The exact replacement for ``sub``, ``None`` to keep it, or an error to refuse it."""
+    where = path or "the module"
+    if isinstance(sub, _REFUSED):
+        raise TypeError(
+            f"from_module(module): {where} is a {type(sub).__name__}, which runs "
+            "F.instance_norm / F.batch_norm inside and is not verified to give correct "
+            "second-order gradients under vmap. Replace it, e.g. with nn.GroupNorm("
+            "num_channels, num_channels), which metafunc tests under vmap."
         )
-    if not found:
-        return module
-    if found == [""]:
-        return FunctionalBatchNorm(module, "")  # type: ignore[arg-type]
-    for path in found:
-        parent_path, _, child = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        setattr(parent, child, FunctionalBatchNorm(getattr(parent, child), path))
+    is_bn = isinstance(sub, nn.modules.batchnorm._BatchNorm)
+    is_ln = isinstance(sub, nn.LayerNorm)
+    if not (is_bn or is_ln):
+        return None
+    if not convert:
+        raise ValueError(
+            f"from_module(module, convert_norms=False): {where} is a {type(sub).__name__}; "
+            "F.batch_norm and F.layer_norm give wrong second-order gradients under "
+            "torch.func.vmap on this torch (functorch#534). Pass convert_norms=True (the "
+            "default) to replace them with metafunc's exact versions."
+        )
+    if is_ln and type(sub) is not nn.LayerNorm:
+        raise TypeError(
+            f"from_module(module): {where} is a {type(sub).__name__}, a subclass of LayerNorm "
+            "with its own forward, which metafunc cannot convert safely (F.layer_norm is wrong "
+            "for second order under vmap). Replace it with a module that normalises with "
+            "primitive ops (mean, var, rsqrt)."
+        )
+    if is_bn:
+        return FunctionalBatchNorm(cast(nn.modules.batchnorm._BatchNorm, sub), path)
+    return FunctionalLayerNorm(cast(nn.LayerNorm, sub))
+
+
+def _convert(module: nn.Module, convert: bool) -> nn.Module:
+    """Replace every batch and layer norm in ``module`` (a private copy) by an exact one."""
+    top = _replacement(module, "", convert)
+    if top is not None:
+        return top
+    for path, sub in list(module.named_modules()):
+        new = _replacement(sub, path, convert) if path else None
+        if new is not None:
+            parent_path, _, child = path.rpartition(".")
+            parent = module.get_submodule(parent_path) if parent_path else module
+            setattr(parent, child, new)
     return module
 
 
-def from_module(
-    module: nn.Module, *, convert_batchnorm: bool = True, head: str | None = None
-) -> Model:
+def from_module(module: nn.Module, *, convert_norms: bool = True, head: str | None = None) -> Model:
     """Turn ``module`` into a :class:`Model`: parameters and buffers become explicit trees.
 
     ``params`` is ``dict(module.named_parameters())``; the state is the floating-point buffers
     (batch-norm running statistics), passed in and returned. The module is deep-copied once; its
-    own tensors are never modified. Batch norms are replaced with metafunc's exact batch norm
-    (``F.batch_norm`` is wrong under ``vmap`` for second order); instance norms are refused.
+    own tensors are never modified. Batch norms and layer norms are replaced with metafunc's
+    exact versions (``F.batch_norm`` and ``F.layer_norm`` give wrong second-order gradients under
+    ``vmap``); instance norms are refused. Other layers are used as they are: a custom module
+    that calls ``F.batch_norm`` itself is not detected, so compare strategies with
+    :func:`metafunc.check_strategies` before trusting a new architecture under ``vmap``.
 
     ``init(generator)`` re-initialises every submodule that has ``reset_parameters`` from a seed
     drawn from ``generator``; ``init()`` without a generator returns a copy of the module's current
-    parameters (e.g. pretrained weights). ``apply(params, x, state=None, training=True)``: without
+    parameters (e.g. pretrained weights); ``dtype=None`` keeps the module's dtype.
+    ``apply(params, x, state=None, training=True)``: without
     state, batch norms use batch statistics (MAML's setting); with state they use and update the
     running statistics as ``nn.BatchNorm`` does in train/eval mode. Dropout follows ``training``
     (under ``vmap`` that needs ``randomness='different'``).
@@ -131,7 +172,7 @@ def from_module(
         raise TypeError(
             f"from_module(module): expected a torch.nn.Module, got {type(module).__qualname__}."
         )
-    net = _convert(copy.deepcopy(module), convert_batchnorm)
+    net = _convert(copy.deepcopy(module), convert_norms)
     template_params = {k: v.detach() for k, v in net.named_parameters()}
     template_state = {k: v.detach() for k, v in net.named_buffers() if v.is_floating_point()}
     if head is not None and not any(k.startswith(head + ".") for k in template_params):
@@ -143,7 +184,7 @@ def from_module(
     def init_fn(
         generator: torch.Generator | None = None,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> Params:
         if generator is None:
@@ -161,7 +202,7 @@ def from_module(
         return {k: v.detach().clone().to(dtype=dtype, device=device) for k, v in source.items()}
 
     def init_state(
-        *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+        *, dtype: torch.dtype | None = None, device: torch.device | str | None = None
     ) -> State:
         return {k: v.clone().to(dtype=dtype, device=device) for k, v in template_state.items()}
 
