@@ -1,0 +1,18 @@
+"""Tasks and datasets: sinusoid regression, N-way K-shot episodes, image benchmarks."""
+
+from metafunc.data.batch import TaskBatch
+from metafunc.data.dataset import ClassImages, ClassSplits, stack_classes
+from metafunc.data.sampler import EpisodeSampler, TaskSampler
+from metafunc.data.sinusoid import SinusoidParams, SinusoidTasks, sinusoid
+
+__all__ = [
+    "ClassImages",
+    "ClassSplits",
+    "EpisodeSampler",
+    "SinusoidParams",
+    "SinusoidTasks",
+    "TaskBatch",
+    "TaskSampler",
+    "sinusoid",
+    "stack_classes",
+]

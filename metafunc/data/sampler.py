@@ -1,0 +1,320 @@
+"""N-way K-shot episodes drawn from a class-indexed uint8 image tensor, a meta-batch at a time.
+
+The images stay on the target device as uint8. A meta-batch of ``T`` tasks costs a handful of
+tensor ops, whatever ``T``: draw ``T x N`` distinct classes, draw ``K + Q`` distinct examples of
+each, gather the support and query images with one ``index_select`` each, and convert them to
+float on the device. No Python loop runs per task and no DataLoader is involved.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from metafunc.data.batch import TaskBatch
+from metafunc.data.dataset import ClassImages
+
+__all__ = ["EpisodeSampler", "TaskSampler"]
+
+
+class TaskSampler(Protocol):
+    """Anything that draws meta-batches of tasks: :class:`EpisodeSampler`, ``SinusoidTasks``."""
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch: ...
+
+    def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]: ...
+
+
+def check_generator(generator: Any, *, call: str) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{call}: generator is {type(generator).__name__}, not a torch.Generator. Pass one, "
+            "e.g. generator=torch.Generator().manual_seed(0); metafunc never uses the global RNG."
+        )
+    return generator
+
+
+def check_episodes_args(count: int, batch_size: int, *, call: str) -> None:
+    if count < 1 or batch_size < 1:
+        raise ValueError(
+            f"{call}: count={count} and batch_size={batch_size} must both be at least 1."
+        )
+
+
+def check_num_tasks(num_tasks: int, *, call: str) -> None:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"{call}: num_tasks={num_tasks!r}; pass a positive int.")
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot Q-query classification tasks from images grouped by class.
+
+    Each task picks ``ways`` distinct classes (a class is a ``(class, rotation)`` pair when
+    ``rotations`` has several angles), labels them ``0..ways-1`` in a random order of its own, and
+    picks ``shots + queries`` distinct examples of each class: the first ``shots`` form the
+    support set, the rest the query set, so support and query never share an image. Images are
+    converted on the device to ``dtype`` in ``[0, 1]`` (``x / 255``), then ``(x - mean) / std``
+    per channel when ``mean``/``std`` are given.
+
+    Args:
+        images: uint8 ``[classes, examples, H, W]`` or ``[classes, examples, C, H, W]``, or a
+            :class:`ClassImages` (which carries class names and per-class example counts).
+        ways, shots, queries: N, K and Q.
+        rotations: angles in degrees, multiples of 90; every class yields one new class per angle
+            (Omniglot's augmentation: ``(0, 90, 180, 270)`` multiplies the classes by four). The
+            rotated copies are made once, on the device, so memory grows by ``len(rotations)``.
+        mean, std: per-channel statistics in ``[0, 1]`` units (a float applies to every channel).
+        counts: int64 ``[classes]`` real examples per class, if the tensor is zero-padded.
+        device: where images and batches live (default: the images' device).
+        dtype: floating dtype of the returned images.
+
+    Output of :meth:`sample`: ``TaskBatch`` with ``support_x [T, N*K, C, H, W]``, ``support_y
+    [T, N*K]`` int64, ``query_x [T, N*Q, C, H, W]``, ``query_y [T, N*Q]``; examples are grouped
+    by label (``support_y[t] == [0]*K + [1]*K + ...``).
+
+    Example:
+        >>> sampler = EpisodeSampler(images, ways=5, shots=1, queries=15)
+        >>> batch = sampler.sample(32, torch.Generator().manual_seed(0))
+        >>> for batch in sampler.episodes(600, seed=1, batch_size=50): ...
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor | ClassImages,
+        *,
+        ways: int,
+        shots: int,
+        queries: int,
+        rotations: Sequence[int] = (0,),
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        counts: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        call = "EpisodeSampler(...)"
+        names: tuple[str, ...] | None = None
+        if isinstance(images, ClassImages):
+            if counts is not None and images.counts is not None:
+                raise ValueError(f"{call}: counts is given twice (argument and ClassImages).")
+            names, counts = images.classes, images.counts if counts is None else counts
+            images = images.images
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+            kind = images.dtype if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TypeError(
+                f"{call}: images must be a uint8 tensor, got {kind}. Convert 0..1 floats with "
+                "(x * 255).round().to(torch.uint8)."
+            )
+        if images.ndim == 4:
+            images = images.unsqueeze(2)
+        if images.ndim != 5:
+            raise ValueError(
+                f"{call}: images has shape {tuple(images.shape)}; expected [classes, examples, "
+                "H, W] or [classes, examples, C, H, W]."
+            )
+        for arg, value, least in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{call}: {arg}={value!r}; pass an int >= {least}.")
+        if not dtype.is_floating_point:
+            raise TypeError(f"{call}: dtype={dtype} is not floating; use e.g. torch.float32.")
+        base, examples, channels, height, width = images.shape
+        angles = _check_rotations(rotations, height, width, call=call)
+        total = base * len(angles)
+        if ways > total:
+            raise ValueError(
+                f"{call}: ways={ways} but only {total} classes are available ({base} classes x "
+                f"{len(angles)} rotation(s)); use ways <= {total}, or add classes or rotations."
+            )
+        if counts is not None:
+            counts = torch.as_tensor(counts, dtype=torch.int64).cpu()
+            if counts.shape != (base,) or bool((counts > examples).any()):
+                raise ValueError(
+                    f"{call}: counts must be [{base}] ints <= {examples} (examples per class)."
+                )
+        per_class = counts if counts is not None else torch.full((base,), examples)
+        fewest = int(per_class.min())
+        if shots + queries > fewest:
+            worst = int(per_class.argmin())
+            label = names[worst] if names is not None else f"#{worst}"
+            raise ValueError(
+                f"{call}: shots + queries = {shots} + {queries} = {shots + queries} but class "
+                f"{label} has only {fewest} examples; use shots + queries <= {fewest}, or drop "
+                "classes with few examples."
+            )
+        device = torch.device(device) if device is not None else images.device
+        scale, shift = _normalisation(mean, std, channels, dtype, device, call=call)
+
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.rotations = angles
+        self.base_classes = names if names is not None else tuple(str(i) for i in range(base))
+        self.device, self.dtype = device, dtype
+        self.mean, self.std = mean, std
+        self._source = images
+        self._examples = int(examples)
+        self._image_shape = (int(channels), int(height), int(width))
+        self._counts = None if counts is None else counts.repeat(len(angles))
+        self._scale, self._shift = scale, shift
+        self._accept = math.prod(1.0 - i / total for i in range(ways))
+        images = images.to(device)
+        rotated = [torch.rot90(images, k=a // 90, dims=(-2, -1)) if a else images for a in angles]
+        self._data = torch.cat(rotated).reshape(total * examples, channels, height, width)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes to draw from: base classes times rotations."""
+        return len(self.base_classes) * len(self.rotations)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Names of the class ids of :meth:`sample_with_classes` (``rotation * base + class``)."""
+        return tuple(
+            name if angle == 0 else f"{name}@rot{angle}"
+            for angle in self.rotations
+            for name in self.base_classes
+        )
+
+    def replace(self, **changes: Any) -> EpisodeSampler:
+        """A new sampler over the same images with some arguments changed, e.g. ``ways=20``."""
+        args: dict[str, Any] = dict(
+            ways=self.ways, shots=self.shots, queries=self.queries, rotations=self.rotations,
+            mean=self.mean, std=self.std, device=self.device, dtype=self.dtype,
+        )  # fmt: skip
+        unknown = sorted(set(changes) - set(args))
+        if unknown:
+            raise TypeError(
+                f"EpisodeSampler.replace: unknown argument(s) {unknown}; use {list(args)}."
+            )
+        args.update(changes)
+        counts = None if self._counts is None else self._counts[: len(self.base_classes)]
+        data = ClassImages(self._source, self.base_classes, counts)
+        return EpisodeSampler(data, **args)
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """A meta-batch of ``num_tasks`` tasks drawn with ``generator`` (see the class docs)."""
+        return self.sample_with_classes(num_tasks, generator)[0]
+
+    def sample_with_classes(
+        self, num_tasks: int, generator: torch.Generator
+    ) -> tuple[TaskBatch, torch.Tensor]:
+        """Like :meth:`sample`, also returning the class ids ``[T, N]``: label ``n`` of task ``t``
+        is class ``ids[t, n]``, i.e. base class ``id % len(base_classes)`` rotated by
+        ``rotations[id // len(base_classes)]`` (names in :attr:`classes`)."""
+        call = "EpisodeSampler.sample"
+        check_num_tasks(num_tasks, call=call)
+        check_generator(generator, call=call)
+        ids, rows = self._draw(num_tasks, generator)
+        return self._gather(rows), ids
+
+    def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
+        """A fixed evaluation set: ``count`` tasks drawn from ``seed``, ``batch_size`` at a time.
+
+        Every call with the same ``seed`` yields the same tasks on any device, and the tasks do
+        not depend on ``batch_size`` (the last batch may be smaller).
+        """
+        check_episodes_args(count, batch_size, call="EpisodeSampler.episodes")
+        _, rows = self._draw(count, torch.Generator().manual_seed(seed))
+        return (self._gather(rows[i : i + batch_size]) for i in range(0, count, batch_size))
+
+    def _draw(
+        self, num_tasks: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class ids ``[T, N]`` and image rows ``[T, N, K + Q]`` into ``self._data``."""
+        device = generator.device
+        ids = _distinct(num_tasks, self.num_classes, self.ways, self._accept, generator)
+        keys = torch.rand(num_tasks, self.ways, self._examples, generator=generator, device=device)
+        if self._counts is not None:
+            real = self._counts.to(device)[ids].unsqueeze(-1)
+            keys.masked_fill_(torch.arange(self._examples, device=device) >= real, -1.0)
+        picks = keys.topk(self.shots + self.queries, dim=-1).indices
+        return ids, ids.unsqueeze(-1) * self._examples + picks
+
+    def _gather(self, rows: torch.Tensor) -> TaskBatch:
+        tasks, ways, k, q = rows.shape[0], self.ways, self.shots, self.queries
+        rows = rows.to(self.device, non_blocking=True)
+        # One gather and one conversion for support and query: both are contiguous views.
+        order = torch.cat([rows[:, :, :k].reshape(-1), rows[:, :, k:].reshape(-1)])
+        x = self._data.index_select(0, order).to(self.dtype).mul_(self._scale)
+        if self._shift is not None:
+            x.sub_(self._shift)
+        split = tasks * ways * k
+        support_x = x[:split].view(tasks, ways * k, *self._image_shape)
+        query_x = x[split:].view(tasks, ways * q, *self._image_shape)
+        labels = torch.arange(ways, device=self.device)
+        support_y = labels.repeat_interleave(k).expand(tasks, -1).contiguous()
+        query_y = labels.repeat_interleave(q).expand(tasks, -1).contiguous()
+        return TaskBatch(support_x, support_y, query_x, query_y)
+
+
+def _distinct(
+    tasks: int, total: int, ways: int, accept: float, generator: torch.Generator
+) -> torch.Tensor:
+    """``[tasks, ways]`` ints in ``[0, total)``, distinct within a row, uniformly random in order.
+
+    When a row of ``ways`` independent draws is likely distinct (probability ``accept`` >= 1/2),
+    rows with a repeat are redrawn (rejection sampling keeps the uniform distribution over ordered
+    distinct tuples); otherwise the ``ways`` largest of ``total`` uniform keys are taken.
+    """
+    device = generator.device
+    if accept < 0.5:
+        keys = torch.rand(tasks, total, generator=generator, device=device)
+        return keys.topk(ways, dim=1).indices
+    ids = torch.randint(total, (tasks, ways), generator=generator, device=device)
+    while ways > 1:
+        ordered = ids.sort(dim=1).values
+        repeat = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+        redo = int(repeat.sum())
+        if redo == 0:
+            break
+        ids[repeat] = torch.randint(total, (redo, ways), generator=generator, device=device)
+    return ids
+
+
+def _check_rotations(
+    rotations: Sequence[int], height: int, width: int, *, call: str
+) -> tuple[int, ...]:
+    angles = tuple(int(a) % 360 for a in rotations)
+    if not angles or any(a % 90 for a in angles) or len(set(angles)) != len(angles):
+        raise ValueError(
+            f"{call}: rotations={tuple(rotations)!r}; pass distinct multiples of 90 degrees, e.g. "
+            "(0,) for none or (0, 90, 180, 270) for Omniglot's four rotated classes."
+        )
+    if height != width and any(a % 180 for a in angles):
+        raise ValueError(
+            f"{call}: rotating {height}x{width} images by 90 degrees changes their shape; use "
+            "rotations=(0, 180) or square images."
+        )
+    return angles
+
+
+def _normalisation(
+    mean: float | Sequence[float] | None,
+    std: float | Sequence[float] | None,
+    channels: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    call: str,
+) -> tuple[torch.Tensor | float, torch.Tensor | None]:
+    """``scale``, ``shift`` such that ``(x / 255 - mean) / std == x * scale - shift``."""
+    if mean is None and std is None:
+        return 1.0 / 255.0, None
+    values = []
+    for arg, value, default in (("mean", mean, 0.0), ("std", std, 1.0)):
+        v = torch.as_tensor(default if value is None else value, dtype=torch.float64).reshape(-1)
+        if v.numel() == 1:
+            v = v.expand(channels)
+        if v.numel() != channels:
+            raise ValueError(
+                f"{call}: {arg} has {v.numel()} values but the images have {channels} channel(s)."
+            )
+        values.append(v)
+    m, s = values
+    if bool((s <= 0).any()):
+        raise ValueError(f"{call}: std={std!r} must be positive.")
+    shape = (channels, 1, 1)
+    scale = (1.0 / (255.0 * s)).to(device=device, dtype=dtype).view(shape)
+    shift = (m / s).to(device=device, dtype=dtype).view(shape)
+    return scale, shift
