@@ -1,0 +1,140 @@
+"""What every meta-learning algorithm shares: losses, metrics, the meta-gradient and evaluation.
+
+An algorithm is a frozen dataclass built from a model, a loss and hyper-parameters, with
+
+- ``init(generator, *, dtype, device) -> meta_params``: a tree of tensors (what is meta-learned);
+- ``meta_loss(meta_params, batch, *, iteration=0) -> (loss, metrics)``: pure and differentiable;
+- ``meta_grad(meta_params, batch, *, iteration=0) -> (grads, loss, metrics)``: what the outer
+  loop applies (by default the gradient of ``meta_loss``; Reptile and iMAML give their own);
+- ``adapt_and_predict(meta_params, batch, steps) -> [tasks, steps + 1, query, ...]``:
+  query predictions after 0, 1, ..., ``steps`` inner steps, from one adaptation pass;
+- ``outer_optimizer(lr, iterations)``: the outer optimizer the paper used.
+
+Tasks always go through :func:`metafunc.task_map`; no algorithm loops over tasks in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from metafunc import tree as mt
+from metafunc.data.batch import TaskBatch
+from metafunc.inner import STRATEGIES
+from metafunc.optim import GradientTransformation, adam
+
+__all__ = ["LOSSES", "Algorithm", "check_common", "evaluate_predictions", "loss_fn_of"]
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def loss_fn_of(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task loss: ``'cross_entropy'`` (classification) or ``'mse'`` (regression)."""
+    if kind == "cross_entropy":
+        return F.cross_entropy
+    if kind == "mse":
+        return F.mse_loss
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}.")
+
+
+def task_metrics(kind: str, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss (and accuracy for classification) of one task's predictions, detached."""
+    out = {"loss": loss_fn_of(kind)(preds, targets).detach()}
+    if kind == "cross_entropy":
+        out["accuracy"] = (preds.argmax(-1) == targets).to(preds.dtype).mean().detach()
+    return out
+
+
+def evaluate_predictions(
+    kind: str, preds: torch.Tensor, targets: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-task, per-step metrics from ``adapt_and_predict`` output.
+
+    ``preds``: ``[tasks, steps + 1, query, ...]``; ``targets``: ``[tasks, query, ...]``.
+    Returns ``{'loss': [tasks, steps + 1], 'accuracy': ...}`` (accuracy for classification).
+    """
+    t, s = preds.shape[:2]
+    flat_p = preds.flatten(0, 1)
+    flat_y = targets[:, None].expand(t, s, *targets.shape[1:]).flatten(0, 1)
+    if kind == "cross_entropy":
+        loss = F.cross_entropy(flat_p.transpose(1, -1), flat_y, reduction="none")
+        loss = loss.reshape(t, s, -1).mean(-1)
+        acc = (flat_p.argmax(-1) == flat_y).to(preds.dtype).reshape(t, s, -1).mean(-1)
+        return {"loss": loss, "accuracy": acc}
+    loss = F.mse_loss(flat_p, flat_y, reduction="none").reshape(t, s, -1).mean(-1)
+    return {"loss": loss}
+
+
+def check_common(name: str, *, loss: str, strategy: str, chunk_size: int | None) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"{name}(loss): {loss!r} is not one of {LOSSES}.")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{name}(strategy): {strategy!r} is not one of {STRATEGIES}.")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{name}(chunk_size): must be >= 1 or None, got {chunk_size!r}.")
+
+
+def check_lr(name: str, arg: str, value: float) -> None:
+    if not isinstance(value, int | float) or value < 0 or value != value:
+        raise ValueError(f"{name}({arg}): must be a float >= 0, got {value!r}.")
+
+
+def check_steps(name: str, arg: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}({arg}): must be an int >= {minimum}, got {value!r}.")
+
+
+class Algorithm:
+    """Base class: subclasses define ``init``, ``meta_loss`` and ``adapt_and_predict``."""
+
+    loss: str = "cross_entropy"
+
+    def init(
+        self,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def meta_loss(
+        self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def meta_grad(
+        self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """``(grads of meta_loss, loss, metrics)``, by ``torch.func.grad``."""
+        mt.validate(
+            meta_params,
+            call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
+            name="meta_params",
+        )
+
+        def objective(mp: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
+            loss, metrics = self.meta_loss(mp, batch, iteration=iteration)
+            return loss, (loss.detach(), metrics)
+
+        grads, (loss, metrics) = torch.func.grad(objective, has_aux=True)(meta_params)
+        return grads, loss, metrics
+
+    def evaluate(self, meta_params: Any, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
+        """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``.
+
+        Runs without building a graph for the outer loop (inner gradients still flow).
+        """
+        with torch.no_grad():
+            preds = self.adapt_and_predict(meta_params, batch, steps)
+        return evaluate_predictions(self.loss, preds, batch.query_y)
+
+    def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
+        """The paper's outer optimizer: Adam at ``lr`` unless the algorithm says otherwise."""
+        return adam(lr)
