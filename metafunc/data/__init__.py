@@ -2,10 +2,13 @@
 
 from metafunc.data.batch import TaskBatch
 from metafunc.data.dataset import ClassImages, ClassSplits, stack_classes
+from metafunc.data.download import ChecksumError
+from metafunc.data.omniglot import load_omniglot, omniglot_splits
 from metafunc.data.sampler import EpisodeSampler, TaskSampler
 from metafunc.data.sinusoid import SinusoidParams, SinusoidTasks, sinusoid
 
 __all__ = [
+    "ChecksumError",
     "ClassImages",
     "ClassSplits",
     "EpisodeSampler",
@@ -13,6 +16,8 @@ __all__ = [
     "SinusoidTasks",
     "TaskBatch",
     "TaskSampler",
+    "load_omniglot",
+    "omniglot_splits",
     "sinusoid",
     "stack_classes",
 ]

@@ -1,0 +1,224 @@
+"""Omniglot (Lake, Salakhutdinov & Tenenbaum 2015): 1623 handwritten characters x 20 drawings.
+
+Files are read in the official layout, the one torchvision writes::
+
+    <root>/omniglot-py/images_background/<Alphabet>/characterNN/XXXX_YY.png   (964 characters)
+    <root>/omniglot-py/images_evaluation/...                                   (659 characters)
+
+or straight from the official zips beside those folders (``images_background.zip``, ...,
+``images_background_small1.zip``, ``images_background_small2.zip``), md5-verified. Images are
+converted to grey, resized with a Pillow filter (LANCZOS by default, as in MAML's preprocessing)
+and inverted to white strokes on black. The decoded uint8 tensor is cached (see
+:mod:`metafunc.data.cache`), so only the first load decodes the PNGs.
+
+Splits (:func:`omniglot_splits`):
+    ``"vinyals"``: Vinyals et al. 2016 / MAML. All 1623 characters in a fixed order (background
+    then evaluation, each sorted by alphabet and character folder) are permuted with
+    ``torch.randperm`` seeded by ``split_seed``; the first 1200 are for meta-training (the last
+    ``num_validation`` of them, default 100, for validation) and the other 423 for testing.
+    ``"lake"``: Lake et al.'s background (964, train) / evaluation (659, test) split.
+    ``"small1"``, ``"small2"``: Lake's minimal background sets (136 / 156 characters) for training,
+    evaluation for testing.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import torch
+
+from metafunc.data.cache import default_cache_dir, load_class_images, save_class_images
+from metafunc.data.dataset import ClassImages, ClassSplits, concat_classes, stack_classes
+from metafunc.data.download import check_md5, download_file
+from metafunc.data.images import ImageSource, check_resample, decode_images
+
+__all__ = [
+    "OMNIGLOT_SOURCES",
+    "OMNIGLOT_SPLITS",
+    "OMNIGLOT_URL",
+    "load_omniglot",
+    "omniglot_splits",
+]
+
+OMNIGLOT_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+"""Where the official archives live (torchvision downloads from the same place)."""
+
+OMNIGLOT_SOURCES: dict[str, tuple[str, str]] = {
+    "background": ("images_background", "68d2efa1b9178cc56df9314c21c6e718"),
+    "evaluation": ("images_evaluation", "6b91aef0f799c5bb55b94e3f2daec811"),
+    "small1": ("images_background_small1", "e704a628b5459e08445c13499850abc4"),
+    "small2": ("images_background_small2", "b75a71a51d3b13f821f212756fe481fd"),
+}
+"""Source name -> (folder / zip stem, md5 of the official zip)."""
+
+OMNIGLOT_SPLITS = ("vinyals", "lake", "small1", "small2")
+
+_VINYALS_TRAIN = 1200
+
+
+def _size(image_size: int | tuple[int, int], *, call: str) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+        raise ValueError(f"{call}: image_size={image_size!r}; pass an int or (height, width).")
+    return (int(size[0]), int(size[1]))
+
+
+def load_omniglot(
+    root: str | os.PathLike[str],
+    source: str = "background",
+    *,
+    image_size: int | tuple[int, int] = 28,
+    resample: str = "lanczos",
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: bool = True,
+    download: bool = False,
+    base_url: str = OMNIGLOT_URL,
+    workers: int | None = None,
+) -> ClassImages:
+    """One Omniglot image set as uint8 ``[characters, 20, H, W]``, white strokes on black.
+
+    Args:
+        root: the folder holding ``omniglot-py/`` (torchvision's ``root``).
+        source: ``"background"``, ``"evaluation"``, ``"small1"`` or ``"small2"``.
+        image_size: output size (int or ``(height, width)``); 28 as in MAML.
+        resample: Pillow filter for resizing (``"lanczos"``, ``"bilinear"``, ...).
+        cache_dir: cache folder (default ``$METAFUNC_CACHE`` or ``~/.cache/metafunc``).
+        cache: read and write the decoded-tensor cache.
+        download: fetch the official zip from ``base_url`` when neither the folder nor the zip
+            is present.
+        workers: decoding processes (``None``: available cores, at most 8).
+
+    Class names are ``"<folder>/<Alphabet>/characterNN"``, sorted by alphabet, then character.
+    """
+    call = f"load_omniglot(source={source!r})"
+    if source not in OMNIGLOT_SOURCES:
+        raise ValueError(
+            f"load_omniglot: unknown source {source!r}; use one of {tuple(OMNIGLOT_SOURCES)}."
+        )
+    size = _size(image_size, call=call)
+    check_resample(resample, call=call)
+    stem, md5 = OMNIGLOT_SOURCES[source]
+    key = (
+        default_cache_dir(cache_dir)
+        / "omniglot"
+        / f"{stem}-{size[0]}x{size[1]}-{resample}.safetensors"
+    )
+    if cache and (hit := load_class_images(key)) is not None:
+        return hit
+    names, files = _find_images(Path(root).expanduser(), stem, md5, download, base_url, call=call)
+    pixels = decode_images(
+        [f for group in files for f in group],
+        size=size, mode="L", resample=resample, invert=True, workers=workers, call=call,
+    )  # fmt: skip
+    arrays, start = [], 0
+    for group in files:
+        arrays.append(pixels[start : start + len(group)])
+        start += len(group)
+    data = stack_classes(arrays, names, call=call)
+    if cache:
+        save_class_images(key, data, source=f"omniglot:{stem}:{size[0]}x{size[1]}:{resample}")
+    return data
+
+
+def _find_images(
+    root: Path, stem: str, md5: str, download: bool, base_url: str, *, call: str
+) -> tuple[list[str], list[list[ImageSource]]]:
+    """Class names and per-class image sources, from the folder if present, else from the zip."""
+    base = root / "omniglot-py"
+    folder, archive = base / stem, base / f"{stem}.zip"
+    if folder.is_dir():
+        groups: dict[tuple[str, str], list[ImageSource]] = {}
+        for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
+            for character in sorted(p for p in alphabet.iterdir() if p.is_dir()):
+                pngs: list[ImageSource] = [f for f in sorted(character.glob("*.png"))]
+                groups[(alphabet.name, character.name)] = pngs
+        where = str(folder)
+    else:
+        if not archive.is_file():
+            if not download:
+                raise FileNotFoundError(
+                    f"{call}: found neither the folder {folder}/ nor the archive {archive}. Put "
+                    f"the official {stem}.zip (md5 {md5}, from {base_url}{stem}.zip) into "
+                    f"{base}/ (unpacked or not), or pass download=True."
+                )
+            download_file(f"{base_url.rstrip('/')}/{stem}.zip", archive, md5=md5, call=call)
+        check_md5(archive, md5, call=call)
+        groups = {}
+        with zipfile.ZipFile(archive) as z:
+            for member in sorted(z.namelist()):
+                parts = member.split("/")
+                if len(parts) == 4 and parts[0] == stem and parts[3].endswith(".png"):
+                    groups.setdefault((parts[1], parts[2]), []).append((str(archive), member))
+        groups = dict(sorted(groups.items()))
+        where = str(archive)
+    groups = {k: v for k, v in groups.items() if v}
+    if not groups:
+        raise ValueError(
+            f"{call}: {where} holds no <Alphabet>/<character>/*.png images. Replace it with the "
+            f"official {stem}.zip (md5 {md5}) or its unpacked folder."
+        )
+    names = [f"{stem}/{alphabet}/{character}" for alphabet, character in groups]
+    return names, list(groups.values())
+
+
+def omniglot_splits(
+    root: str | os.PathLike[str],
+    split: str = "vinyals",
+    *,
+    num_validation: int | None = None,
+    split_seed: int = 0,
+    image_size: int | tuple[int, int] = 28,
+    resample: str = "lanczos",
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: bool = True,
+    download: bool = False,
+    base_url: str = OMNIGLOT_URL,
+    workers: int | None = None,
+) -> ClassSplits:
+    """Omniglot's train / validation / test characters for a named split (module docs).
+
+    Args:
+        split: one of :data:`OMNIGLOT_SPLITS`.
+        num_validation: characters held out of the training set for validation, chosen with
+            ``split_seed``; default 100 for ``"vinyals"`` and 0 (no validation set, as in Lake et
+            al.) for the others.
+        split_seed: seed of the permutation that assigns characters to splits.
+        The other arguments are :func:`load_omniglot`'s.
+    """
+    call = f"omniglot_splits(split={split!r})"
+    if split not in OMNIGLOT_SPLITS:
+        raise ValueError(f"omniglot_splits: unknown split {split!r}; use one of {OMNIGLOT_SPLITS}.")
+    if num_validation is None:
+        num_validation = 100 if split == "vinyals" else 0
+
+    def load(source: str) -> ClassImages:
+        return load_omniglot(
+            root, source, image_size=image_size, resample=resample, cache_dir=cache_dir,
+            cache=cache, download=download, base_url=base_url, workers=workers,
+        )  # fmt: skip
+
+    generator = torch.Generator().manual_seed(split_seed)
+    test = load("evaluation")
+    if split == "vinyals":
+        everything = concat_classes([load("background"), test], call=call)
+        if everything.num_classes <= _VINYALS_TRAIN:
+            raise ValueError(
+                f"{call}: found only {everything.num_classes} characters; the split needs all "
+                "1623 (restore the missing files of images_background/ and images_evaluation/)."
+            )
+        order = torch.randperm(everything.num_classes, generator=generator)
+        train = everything.select(order[:_VINYALS_TRAIN].sort().values)
+        test = everything.select(order[_VINYALS_TRAIN:].sort().values)
+    else:
+        train = load("background" if split == "lake" else split)
+    if not 0 <= num_validation < train.num_classes:
+        raise ValueError(
+            f"{call}: num_validation={num_validation} must be in [0, {train.num_classes})."
+        )
+    if num_validation == 0:
+        return ClassSplits(train, None, test)
+    held = torch.randperm(train.num_classes, generator=generator)
+    keep, validation = held[num_validation:].sort().values, held[:num_validation].sort().values
+    return ClassSplits(train.select(keep), train.select(validation), test)
