@@ -3,8 +3,8 @@
 Parameters, gradients, optimizer states and task batches are pytrees: nested dicts, lists, tuples
 and NamedTuples whose leaves are tensors. Everything here is out-of-place and differentiable.
 
-Paths name leaves in error messages and in partitions: dict keys, sequence indices and NamedTuple
-fields joined with dots, so a flat ``{'head.weight': w}`` dict and a nested
+Paths name leaves in error messages and in partitions: dict keys and sequence indices (NamedTuple
+fields by position) joined with dots, so a flat ``{'head.weight': w}`` dict and a nested
 ``{'head': {'weight': w}}`` both name ``w`` as ``'head.weight'``.
 """
 
@@ -84,7 +84,16 @@ def paths(tree: PyTree) -> list[str]:
 def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
     """A flat ``{dotted_path: leaf}`` dict (the layout of a ``state_dict`` or safetensors file)."""
     path_list, leaf_list, _ = optree.tree_flatten_with_path(tree)
-    return {_path_str(p): leaf for p, leaf in zip(path_list, leaf_list, strict=True)}
+    flat: dict[str, Any] = {}
+    for p, leaf in zip(path_list, leaf_list, strict=True):
+        key = _path_str(p)
+        if key in flat:
+            raise ValueError(
+                f"tree.flatten_with_paths(tree): two leaves have the path {key!r} (a dotted key "
+                "such as 'head.weight' next to a nested {'head': {'weight': ...}}); rename one."
+            )
+        flat[key] = leaf
+    return flat
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,8 +145,8 @@ def validate(
                 raise TypeError(
                     f"{call}: {where} is a {node.dtype} tensor; only floating tensors can be "
                     f"differentiated. Cast it, e.g. "
-                    f"{name} = metafunc.tree.cast({name}, torch.float32), or keep integer data "
-                    f"out of the tree that is differentiated."
+                    f"{name} = metafunc.tree.cast({name}, torch.float32, floating_only=False), "
+                    f"or keep integer data out of the tree that is differentiated."
                 )
             if device:
                 if seen_device and node.device != seen_device[0][1]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from metafunc.optim.base import GradientTransformation, chain
 from metafunc.optim.transforms import (
     LearningRate,
+    _check_nonnegative,
+    _check_range,
     add_decayed_weights,
     scale_by_adam,
     scale_by_learning_rate,
@@ -29,6 +31,10 @@ def sgd(
     ``per_step=True`` one rate per inner step). MAML's inner loop is ``sgd(alpha)``; Meta-SGD's
     is ``sgd(alpha_tree)``; MAML++'s is ``sgd(lslr_tree, per_step=True)``.
     """
+    call = "sgd(lr, momentum, ...)"
+    _check_nonnegative(call, "lr", lr)
+    _check_range(call, "momentum", momentum)
+    _check_nonnegative(call, "weight_decay", weight_decay)
     parts = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))
@@ -52,6 +58,7 @@ def adam(
 ) -> GradientTransformation:
     """Adam (Kingma & Ba, 2015) as ``torch.optim.Adam``; ``weight_decay`` is L2 added to the
     gradient, as torch does."""
+    _check_adam("adam(lr, b1, b2, eps, ...)", lr, b1, b2, eps, weight_decay)
     parts = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))
@@ -74,8 +81,20 @@ def adamw(
 ) -> GradientTransformation:
     """AdamW (Loshchilov & Hutter, 2019) as ``torch.optim.AdamW``: decoupled weight decay,
     ``p <- p - lr * (adam_direction + weight_decay * p)``."""
+    _check_adam("adamw(lr, b1, b2, eps, ...)", lr, b1, b2, eps, weight_decay)
     return chain(
         scale_by_adam(b1, b2, eps, eps_root=eps_root),
         add_decayed_weights(weight_decay),
         scale_by_learning_rate(lr, per_step=per_step),
     )
+
+
+def _check_adam(
+    call: str, lr: LearningRate, b1: float, b2: float, eps: float, weight_decay: float
+) -> None:
+    # Checked here as well as in the transforms so that the message names the call the user made.
+    _check_nonnegative(call, "lr", lr)
+    _check_range(call, "b1", b1)
+    _check_range(call, "b2", b2)
+    _check_nonnegative(call, "eps", eps)
+    _check_nonnegative(call, "weight_decay", weight_decay)

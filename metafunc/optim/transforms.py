@@ -223,7 +223,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         raise ValueError(f"clip_by_global_norm(max_norm): max_norm must be > 0, got {max_norm!r}.")
 
     def update(grads: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
-        norm = mt.global_norm(grads)
+        # The safe sqrt keeps second-order gradients finite when every gradient is exactly zero.
+        norm = _safe_sqrt(mt.vdot(grads, grads))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return optree.tree_map(lambda g: g * factor.to(g.dtype), grads), state
 
