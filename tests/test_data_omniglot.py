@@ -333,3 +333,27 @@ def test_empty_folder_and_corrupt_cache(tmp_path: Path) -> None:
     key.write_bytes(key.read_bytes()[:100])  # a damaged cache file is a miss, not an error
     assert torch.equal(load_omniglot(tmp_path, cache_dir=tmp_path / "c").images, first.images)
     assert len(key.read_bytes()) > 100, "the damaged cache file was rewritten"
+
+
+def test_omniglot_benchmark(data_root: Path, cache_dir: Path) -> None:
+    from metafunc.data import EpisodeSampler, get_benchmark
+
+    bench = get_benchmark("omniglot", data_root, ways=20, shots=1, queries=5, cache_dir=cache_dir)
+    assert isinstance(bench.train, EpisodeSampler) and isinstance(bench.test, EpisodeSampler)
+    assert bench.validation is not None and isinstance(bench.validation, EpisodeSampler)
+    assert bench.train.num_classes == 1100 * 4, "training classes are augmented by rotation"
+    assert bench.validation.num_classes == 100 and bench.test.num_classes == 423
+    batch = bench.train.sample(32, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (32, 20, 1, 28, 28) and batch.query_x.shape == (
+        32,
+        100,
+        1,
+        28,
+        28,
+    )
+    first = list(bench.test.episodes(600, seed=0, batch_size=100))
+    again = list(bench.test.episodes(600, seed=0, batch_size=100))
+    assert len(first) == 6
+    assert all(torch.equal(a.query_x, b.query_x) for a, b in zip(first, again, strict=True))
+    lake = get_benchmark("omniglot-lake", data_root, ways=5, cache_dir=cache_dir)
+    assert lake.validation is None and lake.train.num_classes == 964 * 4

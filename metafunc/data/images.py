@@ -46,6 +46,14 @@ def check_resample(resample: str, *, call: str) -> None:
         )
 
 
+def check_size(image_size: int | Sequence[int], *, call: str) -> tuple[int, int]:
+    """``(height, width)`` from an int or a pair; anything else raises ``ValueError``."""
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
+        raise ValueError(f"{call}: image_size={image_size!r}; pass an int or (height, width).")
+    return (int(size[0]), int(size[1]))
+
+
 def decode_images(
     sources: Sequence[ImageSource],
     *,

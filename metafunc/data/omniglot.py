@@ -32,7 +32,7 @@ import torch
 from metafunc.data.cache import default_cache_dir, load_class_images, save_class_images
 from metafunc.data.dataset import ClassImages, ClassSplits, concat_classes, stack_classes
 from metafunc.data.download import check_md5, download_file
-from metafunc.data.images import ImageSource, check_resample, decode_images
+from metafunc.data.images import ImageSource, check_resample, check_size, decode_images
 
 __all__ = [
     "OMNIGLOT_SOURCES",
@@ -56,13 +56,6 @@ OMNIGLOT_SOURCES: dict[str, tuple[str, str]] = {
 OMNIGLOT_SPLITS = ("vinyals", "lake", "small1", "small2")
 
 _VINYALS_TRAIN = 1200
-
-
-def _size(image_size: int | tuple[int, int], *, call: str) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):
-        raise ValueError(f"{call}: image_size={image_size!r}; pass an int or (height, width).")
-    return (int(size[0]), int(size[1]))
 
 
 def load_omniglot(
@@ -97,7 +90,7 @@ def load_omniglot(
         raise ValueError(
             f"load_omniglot: unknown source {source!r}; use one of {tuple(OMNIGLOT_SOURCES)}."
         )
-    size = _size(image_size, call=call)
+    size = check_size(image_size, call=call)
     check_resample(resample, call=call)
     stem, md5 = OMNIGLOT_SOURCES[source]
     key = (
