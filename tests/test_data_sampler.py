@@ -217,3 +217,32 @@ def test_rotated_class_names() -> None:
     assert sampler.num_classes == 4
     sizes = [batch.num_tasks for batch in sampler.episodes(5, seed=0, batch_size=2)]
     assert sizes == [2, 2, 1]
+
+
+def test_uint8_and_float_storage_give_identical_batches() -> None:
+    images = torch.randint(0, 256, (9, 6, 3, 5, 5), dtype=torch.uint8, generator=seeded(4))
+    options = dict(
+        ways=4, shots=2, queries=3, rotations=(0, 90, 270), mean=0.4, std=(0.2, 0.3, 0.5)
+    )
+    as_bytes = EpisodeSampler(images, storage="uint8", **options)  # type: ignore[arg-type]
+    as_float = EpisodeSampler(images, storage="float", **options)  # type: ignore[arg-type]
+    auto = EpisodeSampler(images, **options)  # type: ignore[arg-type]
+    assert as_bytes._data.dtype == torch.uint8 and as_float._data.dtype == torch.float32
+    assert auto._data.dtype == torch.float32, "a small set is normalised once under 'auto'"
+    assert_same(as_bytes.sample(10, seeded(1)), as_float.sample(10, seeded(1)))
+    assert_same(as_bytes.sample(10, seeded(1)), auto.sample(10, seeded(1)))
+    with pytest.raises(ValueError, match=r"storage='half'; use 'auto', 'uint8' or 'float'"):
+        EpisodeSampler(images, ways=2, shots=1, queries=1, storage="half")
+
+
+@pytest.mark.gpu
+def test_cuda_sampler_matches_cpu() -> None:
+    images = barcodes(40, 8)
+    options = dict(ways=5, shots=1, queries=3, rotations=(0, 90, 180, 270))
+    cpu = EpisodeSampler(images, **options)  # type: ignore[arg-type]
+    gpu = EpisodeSampler(images, device="cuda", **options)  # type: ignore[arg-type]
+    a, b = cpu.sample(16, seeded(3)), gpu.sample(16, seeded(3))
+    assert b.support_x.device.type == "cuda" and b.query_y.device.type == "cuda"
+    assert_same(a, b.to("cpu"))
+    first = next(iter(gpu.episodes(20, seed=1, batch_size=20)))
+    assert_same(next(iter(cpu.episodes(20, seed=1, batch_size=20))), first.to("cpu"))

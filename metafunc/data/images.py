@@ -9,6 +9,7 @@ Python overhead dominates small images, so threads do not help); elsewhere it ru
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import sys
 import warnings
@@ -93,12 +94,15 @@ def decode_images(
     if workers is None:
         workers = min(_available_cores(), 8)
     options = (height, width, mode, resample, invert)
-    parallel = workers > 1 and len(sources) >= _MIN_PARALLEL and sys.platform.startswith("linux")
+    parallel = (
+        workers > 1
+        and len(sources) >= _MIN_PARALLEL
+        and sys.platform.startswith("linux")
+        and not multiprocessing.current_process().daemon  # e.g. a DataLoader worker
+    )
     if not parallel:
         results = [_decode_chunk((list(sources), options))]
     else:
-        import multiprocessing
-
         step = -(-len(sources) // (workers * 4))
         chunks = [(list(sources[i : i + step]), options) for i in range(0, len(sources), step)]
         with warnings.catch_warnings():
