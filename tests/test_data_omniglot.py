@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import metafunc.data.omniglot as omniglot_module
-from metafunc.data import ChecksumError, ClassImages, load_omniglot, omniglot_splits
+from metafunc.data import OMNIGLOT_URL, ChecksumError, ClassImages, load_omniglot, omniglot_splits
 
 SMALL1_MD5 = "e704a628b5459e08445c13499850abc4"
 
@@ -210,6 +210,12 @@ def test_missing_files_say_what_to_put_where(tmp_path: Path) -> None:
     message = str(info.value)
     assert "images_background.zip" in message and "68d2efa1b9178cc56df9314c21c6e718" in message
     assert str(tmp_path / "omniglot-py") in message and "download=True" in message
+    assert OMNIGLOT_URL + "images_background.zip" in message
+    (tmp_path / "omniglot-py" / "images_evaluation").mkdir(parents=True)
+    with pytest.raises(
+        FileNotFoundError, match=rf"looks like omniglot-py/ itself: pass root={tmp_path}\."
+    ):
+        load_omniglot(tmp_path / "omniglot-py", "evaluation", cache_dir=tmp_path / "cache")
 
 
 @pytest.fixture

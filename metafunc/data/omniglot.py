@@ -121,6 +121,7 @@ def _find_images(
     """Class names and per-class image sources, from the folder if present, else from the zip."""
     base = root / "omniglot-py"
     folder, archive = base / stem, base / f"{stem}.zip"
+    url = f"{base_url.rstrip('/')}/{stem}.zip"
     if folder.is_dir():
         groups: dict[tuple[str, str], list[ImageSource]] = {}
         for alphabet in sorted(p for p in folder.iterdir() if p.is_dir()):
@@ -131,12 +132,15 @@ def _find_images(
     else:
         if not archive.is_file():
             if not download:
+                hint = ""
+                if (root / stem).exists() or (root / f"{stem}.zip").exists():
+                    hint = f" {root} looks like omniglot-py/ itself: pass root={root.parent}."
                 raise FileNotFoundError(
                     f"{call}: found neither the folder {folder}/ nor the archive {archive}. Put "
-                    f"the official {stem}.zip (md5 {md5}, from {base_url}{stem}.zip) into "
-                    f"{base}/ (unpacked or not), or pass download=True."
+                    f"the official {stem}.zip (md5 {md5}, from {url}) into "
+                    f"{base}/ (unpacked or not), or pass download=True.{hint}"
                 )
-            download_file(f"{base_url.rstrip('/')}/{stem}.zip", archive, md5=md5, call=call)
+            download_file(url, archive, md5=md5, call=call)
         check_md5(archive, md5, call=call)
         groups = {}
         with zipfile.ZipFile(archive) as z:

@@ -170,7 +170,8 @@ class EpisodeSampler:
         self._accept = math.prod(1.0 - i / total for i in range(ways))
         images = images.to(device)
         rotated = [torch.rot90(images, k=a // 90, dims=(-2, -1)) if a else images for a in angles]
-        data = torch.cat(rotated).reshape(total * examples, channels, height, width)
+        data = rotated[0] if len(rotated) == 1 else torch.cat(rotated)
+        data = data.reshape(total * examples, channels, height, width)
         float_bytes = data.numel() * dtype.itemsize
         self._normalised = storage == "float" or (storage == "auto" and float_bytes <= _FLOAT_LIMIT)
         self._data = self._normalise(data) if self._normalised else data
