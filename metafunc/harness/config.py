@@ -1,0 +1,222 @@
+"""Experiment configuration: one frozen dataclass, built from presets, files and flags, validated
+up front, saved to the run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ALGORITHMS", "PRESETS", "Config", "ConfigError", "load_config_file"]
+
+ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
+MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
+DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs")
+STRATEGIES = ("auto", "vmap", "chunked", "loop")
+DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration: reported without a traceback."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs. The defaults are the quick sinusoid MAML run of ``metafunc train``:
+    the paper's network and settings (Finn et al. 2017, §5.1: 1-40-40-1 MLP, one inner step
+    at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 2,000 iterations, evaluated 5-shot."""
+
+    algorithm: str = "maml"
+    dataset: str = "sinusoid"
+    model: str = "auto"
+    hidden: int | None = None
+    ways: int | None = None
+    shots: int = 10
+    queries: int | None = None
+    eval_shots: int | None = 5
+    eval_queries: int | None = None
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    eval_inner_steps: int = 10
+    report_steps: tuple[int, ...] = (0, 1, 10)
+    first_order: bool = False
+    meta_batch: int = 25
+    iterations: int = 2000
+    outer_lr: float = 1e-3
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    strategy: str = "auto"
+    chunk_size: int | None = None
+    eval_episodes: int = 600
+    eval_batch: int = 50
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    data_root: str | None = None
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        def choice(name: str, options: tuple[str, ...]) -> None:
+            if getattr(self, name) not in options:
+                raise ConfigError(
+                    f"config: {name}={getattr(self, name)!r} is not one of {', '.join(options)}."
+                )
+
+        def positive(name: str, *, allow_zero: bool = False, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and optional:
+                return
+            ok = isinstance(value, int) and not isinstance(value, bool)
+            if not ok or value < (0 if allow_zero else 1):
+                bound = ">= 0" if allow_zero else ">= 1"
+                raise ConfigError(f"config: {name} must be an integer {bound}, got {value!r}.")
+
+        choice("algorithm", ALGORITHMS)
+        choice("dataset", DATASETS)
+        choice("model", MODELS)
+        choice("strategy", STRATEGIES)
+        choice("dtype", DTYPES)
+        for name in (
+            "shots",
+            "meta_batch",
+            "iterations",
+            "eval_episodes",
+            "eval_batch",
+            "inner_steps",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            positive(name)
+        positive("eval_inner_steps", allow_zero=True)
+        for name in ("ways", "queries", "eval_shots", "eval_queries", "chunk_size", "hidden"):
+            positive(name, optional=True)
+        for name in ("inner_lr", "outer_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"config: {name} must be a number >= 0, got {value!r}.")
+        if self.dataset == "sinusoid" and self.ways is not None:
+            raise ConfigError("config: the sinusoid has no classes; leave ways unset.")
+        if any(s < 0 or s > self.eval_inner_steps for s in self.report_steps):
+            raise ConfigError(
+                f"config: report_steps {self.report_steps} must lie in 0..eval_inner_steps "
+                f"({self.eval_inner_steps})."
+            )
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"config: device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+
+    @property
+    def is_regression(self) -> bool:
+        return self.dataset == "sinusoid"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
+        """Build from a mapping, rejecting unknown keys and wrong types with a clear message."""
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown key(s) {unknown}; valid keys are {sorted(known)}."
+            )
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            clean[key] = _coerce(source, key, value, hints[key])
+        return cls(**clean)
+
+    def replace(self, **changes: Any) -> Config:
+        return Config.from_dict({**self.to_dict(), **changes})
+
+
+def _coerce(source: str, key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type (ints for floats allowed, lists for tuples)."""
+    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if value is None:
+        if is_union and type(None) in args:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be null.")
+    base = next(a for a in args if a is not type(None)) if is_union else hint
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{source}: {key} must be a list of integers, got {value!r}.")
+        return tuple(value)
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}.")
+    if base is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{source}: {key} must be an integer, got {value!r}.")
+    if base in (str, float) and not isinstance(value, base):
+        raise ConfigError(f"{source}: {key} must be a {base.__name__}, got {value!r}.")
+    return value
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON, TOML or YAML (needs PyYAML) config file into a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file.")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        elif p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError as err:
+                raise ConfigError(
+                    f"--config {path}: YAML needs PyYAML (pip install pyyaml)."
+                ) from err
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"--config {path}: use a .json, .toml or .yaml file.")
+    except (json.JSONDecodeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"--config {path}: cannot parse: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping of keys to values.")
+    return data
+
+
+# The papers' settings (see ../shared/REFERENCE.md). Iterations are the papers'; shorten them
+# with --iterations on a CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "maml-sinusoid": {"iterations": 70000},
+    "maml-omniglot-5w1s": {
+        "dataset": "omniglot", "ways": 5, "shots": 1, "queries": 1, "eval_shots": 1,
+        "eval_queries": 1, "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3,
+        "report_steps": [0, 1, 3], "meta_batch": 32, "iterations": 60000,
+    },
+    "maml-omniglot-20w1s": {
+        "dataset": "omniglot", "ways": 20, "shots": 1, "queries": 1, "eval_shots": 1,
+        "eval_queries": 1, "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5,
+        "report_steps": [0, 5], "meta_batch": 16, "iterations": 60000,
+    },
+    "fomaml-omniglot-5w1s": {
+        "algorithm": "fomaml", "dataset": "omniglot", "ways": 5, "shots": 1, "queries": 1,
+        "eval_shots": 1, "eval_queries": 1, "inner_lr": 0.4, "inner_steps": 1,
+        "eval_inner_steps": 3, "report_steps": [0, 1, 3], "meta_batch": 32, "iterations": 60000,
+    },
+    "mamlpp-omniglot-20w1s": {
+        "algorithm": "mamlpp", "dataset": "omniglot", "ways": 20, "shots": 1, "queries": 1,
+        "eval_shots": 1, "eval_queries": 1, "inner_lr": 0.1, "inner_steps": 5,
+        "eval_inner_steps": 5, "report_steps": [0, 5], "meta_batch": 16, "iterations": 50000,
+    },
+}  # fmt: skip

@@ -1,0 +1,155 @@
+"""The metafunc command: a short run end to end, exact resume after SIGKILL, clear user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from metafunc.cli import main
+from metafunc.harness import CheckpointError, latest_checkpoint, load_checkpoint
+
+QUICK = [
+    "--iterations",
+    "6",
+    "--meta-batch",
+    "4",
+    "--eval-episodes",
+    "8",
+    "--eval-batch",
+    "4",
+    "--log-every",
+    "2",
+    "--checkpoint-every",
+    "3",
+    "--strategy",
+    "loop",
+    "--quiet",
+]
+
+
+def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "eval.json", "ckpt-00000006.safetensors"} <= names
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6] and all("loss" in x for x in lines)
+    results = json.loads((run / "eval.json").read_text())
+    assert set(results["loss"]) == {"0", "1", "10"} and results["episodes"] == 8
+    assert main(["eval", str(run), "--episodes", "4"]) == 0
+    assert "MSE after 10 steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--algorithm", "nope"], "algorithm='nope' is not one of"),
+        (["--dataset", "imagenet"], "dataset='imagenet' is not one of"),
+        (["--preset", "nope"], "unknown preset"),
+        (["--iterations", "0"], "iterations must be an integer >= 1"),
+        (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
+        (["--device", "cuda"], "CUDA is not available"),
+        (["--dataset", "omniglot", "--data-root", "/nonexistent"], "does not exist"),
+    ],
+)
+def test_user_errors_exit_2_without_traceback(tmp_path, capsys, argv, message):
+    if argv[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    code = main(["train", "--run-dir", str(tmp_path / "r"), *QUICK, *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_config_file_errors(tmp_path, capsys):
+    bad = tmp_path / "c.json"
+    bad.write_text(json.dumps({"iterations": 5, "learning_rate": 0.1}))
+    assert main(["train", "--config", str(bad), "--quiet"]) == 2
+    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+    bad.write_text(json.dumps({"iterations": "many"}))
+    assert main(["train", "--config", str(bad), "--quiet"]) == 2
+    assert "iterations must be an integer" in capsys.readouterr().err
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        "iterations = 2\nmeta_batch = 2\neval_episodes = 2\neval_batch = 2\nstrategy = 'loop'\n"
+    )
+    assert main(["train", "--config", str(toml), "--run-dir", str(tmp_path / "t"), "--quiet"]) == 0
+
+
+def test_resume_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="not a readable metafunc checkpoint"):
+        load_checkpoint(ckpt, {"meta": {}})
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, ckpt)  # a pickle that would run code
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(ckpt, {"meta": {}})
+    assert not (tmp_path / "pwned").exists()
+    assert main(["eval", str(run)]) == 2
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    return load_file(str(ckpt))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    args = [
+        "--iterations",
+        "60",
+        "--meta-batch",
+        "5",
+        "--eval-episodes",
+        "4",
+        "--eval-batch",
+        "4",
+        "--checkpoint-every",
+        "4",
+        "--strategy",
+        "loop",
+        "--quiet",
+    ]
+    cmd = [sys.executable, "-m", "metafunc", "train"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*cmd, "--run-dir", str(straight), *args], check=True, timeout=300)
+    proc = subprocess.Popen([*cmd, "--run-dir", str(killed), *args])
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(killed) if killed.exists() else None
+        if ckpt is not None and ckpt.name >= "ckpt-00000012":
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped = latest_checkpoint(killed)
+    assert stopped is not None and stopped.name < "ckpt-00000060.safetensors", "killed too late"
+    subprocess.run([*cmd, "--resume", str(killed), "--quiet"], check=True, timeout=300)
+    assert not list(killed.glob(".ckpt-*"))  # a temporary file a kill left is cleaned up
+    a, b = _final(straight), _final(killed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
