@@ -1,0 +1,270 @@
+"""Drive the peer benchmark: write inputs, run each impl in its own process, compare, tabulate.
+
+    python benchmarks/peers/driver.py --check                      # float64 agreement, all settings
+    python benchmarks/peers/driver.py --settings omniglot-5w1s     # time every impl (float32, CPU)
+
+Peers run under ``.peers-venv/bin/python`` when it exists (else this interpreter); impls named
+``metafunc*`` run under this interpreter; ``--python-for IMPL=PY`` overrides either.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+if __package__ in (None, ""):  # run as a script: import siblings as benchmarks.peers.*
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = str(_REPO)
+    elif str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Mapping, Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks.peers.inputs import make_inputs  # noqa: E402
+from benchmarks.peers.spec import SETTINGS, Spec, setting, tiny  # noqa: E402
+
+__all__ = [
+    "PEER_IMPLS",
+    "compare_gradients",
+    "format_table",
+    "make_inputs",
+    "prepare",
+    "run_impl",
+]
+
+RUN_PEER = Path(__file__).resolve().parent / "run_peer.py"
+PEERS_PYTHON = _REPO / ".peers-venv" / "bin" / "python"
+#: The impls a full run compares, reference first.
+PEER_IMPLS = ("plain", "funcvmap", "learn2learn", "higher", "torchopt", "torchopt-metasgd")
+
+
+def prepare(spec: Spec, workdir: str | Path, seed: int = 0) -> Spec:
+    """Point ``spec`` at ``workdir/<name>-init.pt`` / ``-data.pt`` and write them with ``seed``."""
+    workdir = Path(workdir).resolve()
+    spec = spec.replace(
+        init_path=str(workdir / f"{spec.name}-init.pt"),
+        data_path=str(workdir / f"{spec.name}-data.pt"),
+    )
+    make_inputs(spec, seed)
+    return spec
+
+
+def run_impl(
+    python_exe: str | Path,
+    impl: str,
+    spec: Spec,
+    workdir: str | Path,
+    *,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Run ``impl`` on ``spec`` in a subprocess of ``python_exe``; return its result dict.
+
+    The spec's init and data files must exist (see ``prepare``). The spec is written to
+    ``workdir/<name>-<impl>.spec.json``, the result to ``workdir/<name>-<impl>.json``. A crash, a
+    timeout or unreadable output gives ``{"status": "error" | "timeout", "reason": ...}``.
+    """
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    for path in (spec.init_path, spec.data_path):
+        if not Path(path).is_absolute() or not Path(path).exists():
+            raise ValueError(
+                f"run_impl({impl!r}): {path!r} is not an existing absolute path; write the inputs "
+                "first with spec = prepare(spec, workdir, seed)."
+            )
+    stem = f"{spec.name}-{impl}".replace("/", "_")
+    spec_path = spec.save(workdir / f"{stem}.spec.json")
+    out_path = workdir / f"{stem}.json"
+    out_path.unlink(missing_ok=True)
+    cmd = [str(python_exe), str(RUN_PEER), "--impl", impl, "--spec", str(spec_path)]
+    cmd += ["--out", str(out_path)]
+    base = {"impl": impl, "setting": spec.name, "python": str(python_exe)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {**base, "status": "timeout", "reason": f"no result within {timeout:.0f} s"}
+    try:
+        result: dict[str, Any] = json.loads(out_path.read_text())
+    except (OSError, ValueError) as err:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {**base, "status": "error", "reason": f"exit {proc.returncode}, {err}: {tail}"}
+    result["python_exe"] = str(python_exe)
+    return result
+
+
+def _errors(
+    grad: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, float], float]:
+    """Per-tensor floored relative errors, and the global one ``max|g - g_ref| / G``."""
+    scale = max(max(float(r.abs().max()) for r in ref.values()), torch.finfo(torch.float64).tiny)
+    diffs = {k: float((grad[k].double() - r.double()).abs().max()) for k, r in ref.items()}
+    per_tensor = {k: diffs[k] / max(float(r.abs().max()), 1e-3 * scale) for k, r in ref.items()}
+    return per_tensor, max(diffs.values()) / scale
+
+
+def compare_gradients(
+    results: Mapping[str, Mapping[str, Any]],
+    reference_impl: str = "plain",
+    rtol: float = 1e-6,
+) -> list[dict[str, Any]]:
+    """Compare every impl's first-iteration meta-loss and meta-gradient with the reference's.
+
+    ``results`` maps impl name to ``run_impl``'s dict. For each tensor the error is
+    ``max|g - g_ref| / max(max|g_ref|, 1e-3 * G)`` with ``G`` the largest reference gradient entry
+    anywhere, so tensors whose gradient is zero in exact arithmetic (conv biases before batch norm)
+    are judged on the global scale instead of their rounding noise. ``ok`` needs the loss and
+    every tensor within ``rtol``. Also reported: ``grad_global_rel_err = max|g - g_ref| / G``.
+
+    Scale of rounding noise: float64 impls agree to ~1e-12; in float32 even ``plain`` differs from
+    its own float64 result by ~1e-3 per tensor (and ~1e-4 globally) on omniglot-5w1s, so float32
+    comparisons are indicative only.
+
+    Returns one row per impl: ``impl, status, loss_rel_err, grad_rel_err`` (max over tensors),
+    ``grad_global_rel_err, worst_param`` (None when all errors are 0), ``ok``, and ``reason`` when
+    the impl did not run.
+    """
+    if reference_impl not in results or results[reference_impl].get("status") != "ok":
+        got = results.get(reference_impl, {}).get("status", "absent")
+        raise ValueError(
+            f"compare_gradients: the reference {reference_impl!r} has status {got!r}; it must have "
+            "run ('ok'). Pass another reference_impl= or fix the reference run."
+        )
+    ref = results[reference_impl]
+    ref_grad = torch.load(ref["grad_path"], map_location="cpu", weights_only=True)
+    ref_loss = float(ref["meta_loss_first"])
+    rows: list[dict[str, Any]] = []
+    for impl, res in results.items():
+        row: dict[str, Any] = {"impl": impl, "status": res.get("status", "?")}
+        if row["status"] != "ok":
+            rows.append({**row, "ok": None, "reason": res.get("reason", "")})
+            continue
+        grad = torch.load(res["grad_path"], map_location="cpu", weights_only=True)
+        if list(grad) != list(ref_grad):
+            rows.append({**row, "ok": False, "reason": f"parameter names differ: {list(grad)}"})
+            continue
+        errs, global_err = _errors(grad, ref_grad)
+        worst = max(errs, key=errs.__getitem__)
+        loss_err = abs(float(res["meta_loss_first"]) - ref_loss) / max(abs(ref_loss), 1e-300)
+        ok = loss_err <= rtol and errs[worst] <= rtol
+        rows.append(
+            {
+                **row,
+                "loss_rel_err": loss_err,
+                "grad_rel_err": errs[worst],
+                "grad_global_rel_err": global_err,
+                "worst_param": worst if errs[worst] > 0 else None,
+                "ok": ok,
+            }
+        )
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A fixed-width text table of ``rows`` (floats in ``%.3g``), one line per row."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    table = [list(columns)] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _python_for(impl: str, overrides: Mapping[str, str]) -> str:
+    if impl in overrides:
+        return overrides[impl]
+    if impl.startswith("metafunc"):
+        return sys.executable
+    return str(PEERS_PYTHON) if PEERS_PYTHON.exists() else sys.executable
+
+
+def _run_all(
+    spec: Spec, impls: Sequence[str], workdir: Path, seed: int, overrides: Mapping[str, str]
+) -> dict[str, dict[str, Any]]:
+    spec = prepare(spec, workdir, seed)
+    results = {}
+    for impl in impls:
+        results[impl] = run_impl(_python_for(impl, overrides), impl, spec, workdir)
+        print(f"  {spec.name:28s} {impl:18s} {results[impl]['status']}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``--check`` (float64 agreement) or timing of settings; exit 1 on a mismatch."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="tiny float64 agreement check")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
+    p.add_argument("--impls", default=",".join(PEER_IMPLS), help="comma-separated, reference first")
+    p.add_argument("--reference", default="plain")
+    p.add_argument("--orders", default="second,first", help="check mode: second,first or one")
+    p.add_argument("--python-for", action="append", default=[], metavar="IMPL=PY")
+    p.add_argument("--workdir", type=Path, default=_REPO / "runs" / "peers")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--first-order", action="store_true", help="timing mode: FOMAML")
+    p.add_argument("--per-task-backward", action="store_true")
+    args = p.parse_args(argv)
+    overrides = dict(item.split("=", 1) for item in args.python_for)
+    impls = [s for s in args.impls.split(",") if s]
+    workdir: Path = args.workdir / time.strftime("%Y%m%d-%H%M%S")
+    extra = {"threads": args.threads, "per_task_backward": args.per_task_backward}
+    summary: list[dict[str, Any]] = []
+    failed = False
+    for name in [s for s in args.settings.split(",") if s]:
+        if args.check:
+            for order in [s for s in args.orders.split(",") if s]:
+                spec = setting(name, first_order=order == "first", device=args.device, **extra)
+                spec = tiny(spec)
+                spec = spec.replace(name=f"{spec.name}-{order}")
+                results = _run_all(spec, impls, workdir, args.seed, overrides)
+                rows = compare_gradients(results, args.reference, rtol=1e-6)
+                failed |= any(r["ok"] is False for r in rows)
+                summary += [{"setting": spec.name, **r} for r in rows]
+            continue
+        spec = setting(
+            name,
+            device=args.device,
+            dtype=args.dtype,
+            warmup=args.warmup,
+            iters=args.iters,
+            first_order=args.first_order,
+            **extra,
+        )
+        results = _run_all(spec, impls, workdir, args.seed, overrides)
+        rtol = 1e-6 if args.dtype == "float64" else 1e-3
+        agree = {r["impl"]: r for r in compare_gradients(results, args.reference, rtol=rtol)}
+        for impl, res in results.items():
+            keep = ("status", "impl_version", "median_ms", "tasks_per_s", "peak_memory_mib")
+            row = {"setting": name, "impl": impl, **{k: res.get(k) for k in keep}}
+            row["peak_increase_mib"] = res.get("peak_memory_increase_mib")
+            row["grad_rel_err"] = agree[impl].get("grad_rel_err")
+            row["grad_global_rel_err"] = agree[impl].get("grad_global_rel_err")
+            row["reason"] = res.get("reason", "")
+            summary.append(row)
+    if args.check:
+        cols = ["setting", "impl", "status", "loss_rel_err", "grad_rel_err", "grad_global_rel_err"]
+        cols += ["worst_param", "ok"]
+    else:
+        cols = ["setting", "impl", "status", "median_ms", "tasks_per_s", "peak_memory_mib"]
+        cols += ["peak_increase_mib", "grad_rel_err", "grad_global_rel_err"]
+    print(format_table(summary, [*cols, "reason"]))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"summary: {workdir / 'summary.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

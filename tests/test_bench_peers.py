@@ -1,0 +1,131 @@
+"""The peer benchmark's protocol: plain and funcvmap agree, missing peers report it, checks bite."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(_REPO))
+
+from benchmarks.peers import run_peer  # noqa: E402
+from benchmarks.peers.driver import compare_gradients, prepare, run_impl  # noqa: E402
+from benchmarks.peers.inputs import load_data  # noqa: E402
+from benchmarks.peers.model import load_init, param_names  # noqa: E402
+from benchmarks.peers.spec import Spec, load_spec  # noqa: E402
+
+
+def tiny_spec(**changes: object) -> Spec:
+    """2-way 1-shot, 2 tasks, 2 inner steps, 28x28x1 images, width 8, float64 on CPU."""
+    fields: dict = dict(
+        name="tiny", ways=2, shots=1, queries=2, meta_batch=2, inner_steps=2, inner_lr=0.4,
+        first_order=False, image_size=28, channels=1, hidden=8, pooling="stride",
+        dtype="float64", device="cpu", warmup=0, iters=1, outer_lr=1e-3,
+    )  # fmt: skip
+    fields.update(changes)
+    return Spec(**fields)
+
+
+def test_plain_and_funcvmap_agree_in_subprocesses(tmp_path: Path) -> None:
+    spec = prepare(tiny_spec(iters=2, threads=1), tmp_path, seed=0)
+    impls = ("plain", "funcvmap")
+    with ThreadPoolExecutor(2) as pool:  # one thread each, two processes at once
+        runs = [pool.submit(run_impl, sys.executable, impl, spec, tmp_path) for impl in impls]
+        results = {impl: run.result() for impl, run in zip(impls, runs, strict=True)}
+    for impl, res in results.items():
+        assert res["status"] == "ok", (impl, res.get("reason"), res.get("traceback"))
+        assert len(res["times_ms"]) == 2 and res["median_ms"] > 0
+        assert res["peak_memory_kind"] == "cpu_rss" and res["peak_memory_mib"] > 0
+    rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-8)}
+    assert rows["funcvmap"]["ok"], rows["funcvmap"]
+    grad = torch.load(results["plain"]["grad_path"], weights_only=True)
+    assert list(grad) == param_names(spec)
+    assert float(grad["conv0.weight"].abs().max()) > 1e-3  # a real gradient, not zeros
+    # The outer Adam step ran: the second iteration's meta-loss differs from the first.
+    losses = results["plain"]["meta_losses"]
+    assert losses[0] != losses[1]
+    assert abs(results["funcvmap"]["meta_losses"][1] - losses[1]) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"pooling": "maxpool", "channels": 3},
+        {"first_order": True, "per_task_backward": True},  # funcvmap ignores per_task_backward
+    ],
+)
+def test_plain_and_funcvmap_agree_in_process(tmp_path: Path, changes: dict) -> None:
+    spec = prepare(tiny_spec(**changes), tmp_path, seed=1)
+    results = {
+        impl: run_peer.run(impl, spec, tmp_path / f"{impl}.grad.pt")
+        for impl in ("plain", "funcvmap")
+    }
+    rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-8)}
+    assert rows["funcvmap"]["ok"], rows["funcvmap"]
+
+
+def test_first_order_differs_from_second_order(tmp_path: Path) -> None:
+    second = prepare(tiny_spec(), tmp_path / "2", seed=2)
+    first = prepare(tiny_spec(first_order=True), tmp_path / "1", seed=2)
+    results = {
+        "second": run_peer.run("plain", second, tmp_path / "second.grad.pt"),
+        "first": run_peer.run("plain", first, tmp_path / "first.grad.pt"),
+    }
+    rows = {r["impl"]: r for r in compare_gradients(results, "second", rtol=1e-8)}
+    assert rows["first"]["loss_rel_err"] < 1e-12  # same forward pass
+    assert rows["first"]["grad_rel_err"] > 1e-4  # different gradient
+
+
+@pytest.mark.parametrize("library", ["learn2learn", "higher", "torchopt"])
+def test_missing_library_reports_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, library: str
+) -> None:
+    spec = prepare(tiny_spec(), tmp_path, seed=0)
+    spec_path = spec.save(tmp_path / "spec.json")
+    monkeypatch.setitem(sys.modules, library, None)  # makes `import library` raise ImportError
+    out = tmp_path / "out.json"
+    assert run_peer.main(["--impl", library, "--spec", str(spec_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == "missing"
+    assert library in result["reason"]
+
+
+def test_compare_gradients_flags_a_wrong_tensor(tmp_path: Path) -> None:
+    spec = prepare(tiny_spec(inner_steps=1), tmp_path, seed=3)
+    ref = run_peer.run("plain", spec, tmp_path / "ref.grad.pt")
+    grad = torch.load(ref["grad_path"], weights_only=True)
+    grad["bn2.bias"] = grad["bn2.bias"] * (1 + 1e-6)
+    torch.save(grad, tmp_path / "bad.grad.pt")
+    bad = {**ref, "grad_path": str(tmp_path / "bad.grad.pt")}
+    rows = {r["impl"]: r for r in compare_gradients({"plain": ref, "bad": bad}, rtol=1e-8)}
+    assert rows["plain"]["ok"] and rows["plain"]["grad_rel_err"] == 0.0
+    assert not rows["bad"]["ok"] and rows["bad"]["worst_param"] == "bn2.bias"
+    with pytest.raises(ValueError, match="reference"):
+        compare_gradients({"bad": bad}, reference_impl="plain")
+
+
+def test_inputs_are_deterministic_and_checked(tmp_path: Path) -> None:
+    a = prepare(tiny_spec(name="a"), tmp_path, seed=5)
+    b = prepare(tiny_spec(name="b"), tmp_path, seed=5)
+    c = prepare(tiny_spec(name="c"), tmp_path, seed=6)
+    cpu, f64 = torch.device("cpu"), torch.float64
+    ia, ib, ic = (load_init(s, cpu, f64) for s in (a, b, c))
+    assert list(ia) == param_names(a)
+    assert all(torch.equal(ia[k], ib[k]) for k in ia)
+    assert not torch.equal(ia["conv0.weight"], ic["conv0.weight"])
+    assert torch.equal(ia["bn0.weight"], torch.ones(8, dtype=f64))
+    data = load_data(a, cpu, f64)
+    assert data["support_y"].tolist() == [[0, 1], [0, 1]]
+    assert data["query_y"].dtype == torch.int64
+    spec_path = a.replace(init_path="a-init.pt", data_path="a-data.pt").save(tmp_path / "s.json")
+    assert load_spec(spec_path) == a  # paths resolve against the spec's folder
+    with pytest.raises(ValueError, match="shape"):
+        load_init(a.replace(hidden=4), cpu, f64)
+    with pytest.raises(ValueError, match="pooling"):
+        a.replace(pooling="avg")
