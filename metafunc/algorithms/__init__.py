@@ -1,15 +1,27 @@
 """Meta-learning algorithms, each a small composition of the functional core."""
 
 from metafunc.algorithms.base import Algorithm, evaluate_predictions
+from metafunc.algorithms.baseline import Baseline, load_weights, pretrain_batch
+from metafunc.algorithms.imaml import IMAML, conjugate_gradient
 from metafunc.algorithms.maml import ANIL, MAML, FirstOrderMAML, MetaSGD
 from metafunc.algorithms.mamlpp import MAMLPlusPlus
+from metafunc.algorithms.protonets import ProtoNet, prototype_logits
+from metafunc.algorithms.reptile import Reptile
 
 __all__ = [
     "ANIL",
+    "IMAML",
     "MAML",
     "Algorithm",
+    "Baseline",
     "FirstOrderMAML",
     "MAMLPlusPlus",
     "MetaSGD",
+    "ProtoNet",
+    "Reptile",
+    "conjugate_gradient",
     "evaluate_predictions",
+    "load_weights",
+    "pretrain_batch",
+    "prototype_logits",
 ]

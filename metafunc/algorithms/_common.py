@@ -1,0 +1,83 @@
+"""Helpers shared by Reptile, iMAML, Prototypical Networks and the fine-tune baseline: the named
+inner optimizers, hyper-parameter checks, and the number of ways of a task from static shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from metafunc.optim import GradientTransformation, adam, sgd
+
+__all__ = [
+    "INNER_OPTIMIZERS",
+    "check_choice",
+    "check_positive",
+    "check_ways_shots",
+    "class_one_hot",
+    "make_inner_optimizer",
+    "ways_of",
+]
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+def check_choice(name: str, arg: str, value: object, choices: Sequence[object]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}({arg}): {value!r} is not one of {tuple(choices)}.")
+
+
+def check_positive(name: str, arg: str, value: float, fix: str = "") -> None:
+    """``value`` must be a real number > 0 (not a bool, not NaN)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ValueError(f"{name}({arg}): must be a float > 0, got {value!r}.{fix}")
+
+
+def make_inner_optimizer(
+    kind: str, lr: float, *, momentum: float = 0.0, b1: float = 0.9
+) -> GradientTransformation:
+    """``'sgd'`` (with ``momentum``) or ``'adam'`` (with ``b1``) at ``lr``; fresh per task."""
+    if kind == "sgd":
+        return sgd(lr, momentum)
+    return adam(lr, b1)
+
+
+def check_ways_shots(name: str, ways: int | None, shots: int | None) -> None:
+    """At least one of ``ways`` and ``shots`` is a positive int (the other may be ``None``)."""
+    for arg, value in (("ways", ways), ("shots", shots)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name}({arg}): must be a positive int or None, got {value!r}.")
+        if value is not None and value < 1:
+            raise ValueError(f"{name}({arg}): must be a positive int or None, got {value!r}.")
+    if ways is None and shots is None:
+        raise ValueError(
+            f"{name}(ways, shots): the number of classes of a task must be known from shapes "
+            f"alone (no .unique() under vmap). Pass shots (ways = support size / shots, so one "
+            f"instance trains 60-way and tests 5-way), e.g. {name}(model, shots=5), or a fixed "
+            f"ways, e.g. {name}(model, ways=5)."
+        )
+
+
+def ways_of(call: str, ways: int | None, shots: int | None, support_size: int) -> int:
+    """The number of classes of a task with ``support_size`` support examples."""
+    if shots is None:
+        assert ways is not None
+        return ways
+    if support_size % shots:
+        raise ValueError(
+            f"{call}: the support set has {support_size} examples, not a multiple of "
+            f"shots={shots}. Give every class {shots} support examples, or set ways instead."
+        )
+    n = support_size // shots
+    if ways is not None and n != ways:
+        raise ValueError(
+            f"{call}: the support set has {support_size} examples = {n} classes x {shots} "
+            f"shots, but ways={ways}. Set only one of ways and shots."
+        )
+    return n
+
+
+def class_one_hot(labels: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[n] -> [n, ways]`` one-hot of labels in ``0..ways-1`` (vmap-safe: no value checks)."""
+    classes = torch.arange(ways, device=labels.device)
+    return (labels[..., None] == classes).to(dtype)
