@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import STRATEGIES
+from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam
 
 __all__ = ["LOSSES", "Algorithm", "check_common", "evaluate_predictions", "loss_fn_of"]
@@ -90,6 +91,7 @@ def check_steps(name: str, arg: str, value: int, minimum: int = 1) -> None:
 class Algorithm:
     """Base class: subclasses define ``init``, ``meta_loss`` and ``adapt_and_predict``."""
 
+    model: Model
     loss: str = "cross_entropy"
 
     def init(
@@ -99,7 +101,14 @@ class Algorithm:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> dict[str, Any]:
-        raise NotImplementedError
+        """``{'params': model.init(...)}``; algorithms that meta-learn more extend it."""
+        return {"params": self.model.init(generator, dtype=dtype, device=device)}
+
+    def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
+        return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
+
+    def predict(self, params: Any, task: TaskBatch) -> torch.Tensor:
+        return self.model.apply(params, task.query_x)
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0

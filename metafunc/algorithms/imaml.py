@@ -112,22 +112,7 @@ class IMAML(Algorithm):
         check_lr(name, "lam_damping", self.lam_damping)
         check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
-    def init(
-        self,
-        generator: torch.Generator | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> dict[str, Any]:
-        return {"params": self.model.init(generator, dtype=dtype, device=device)}
-
     # -- one task ----------------------------------------------------------------------------
-
-    def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
-
-    def predict(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return self.model.apply(params, task.query_x)
 
     def inner_loop(self, theta: Any, steps: int, observe: Any = None) -> Any:
         """``adapt`` on the proximal objective around ``theta`` (detached: no outer graph)."""

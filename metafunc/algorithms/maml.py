@@ -76,12 +76,6 @@ class MAML(Algorithm):
 
     # -- one task ----------------------------------------------------------------------------
 
-    def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
-
-    def predict(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return self.model.apply(params, task.query_x)
-
     def inner_loop(
         self, meta_params: dict[str, Any], steps: int, *, first_order: bool, observe: Any = None
     ) -> Any:

@@ -70,15 +70,6 @@ class ProtoNet(Algorithm):
         check_ways_shots(name, self.ways, self.shots)
         check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
-    def init(
-        self,
-        generator: torch.Generator | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> dict[str, Any]:
-        return {"params": self.model.init(generator, dtype=dtype, device=device)}
-
     def task_logits(self, meta_params: dict[str, Any], task: TaskBatch) -> torch.Tensor:
         """``[Q, ways]`` logits of one task."""
         n_support = task.support_x.shape[0]

@@ -14,7 +14,6 @@ from metafunc.algorithms.base import (
     check_common,
     check_lr,
     check_steps,
-    loss_fn_of,
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
@@ -65,22 +64,7 @@ class Reptile(Algorithm):
             raise ValueError(f"{name}(inner_b1): must be in [0, 1), got {self.inner_b1!r}.")
         check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
-    def init(
-        self,
-        generator: torch.Generator | None = None,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> dict[str, Any]:
-        return {"params": self.model.init(generator, dtype=dtype, device=device)}
-
     # -- one task ----------------------------------------------------------------------------
-
-    def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
-
-    def predict(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        return self.model.apply(params, task.query_x)
 
     def inner_loop(self, steps: int, observe: Any = None) -> Any:
         optimizer = make_inner_optimizer(
