@@ -564,3 +564,17 @@ def test_sinusoid_meta_training_makes_adaptation_work(name):
     )
     assert post < 0.5 * pre  # adaptation does the work
     assert post < 0.6 * float(before[-1])  # and meta-training is what made it work
+
+
+def test_protonet_outer_learning_rate_halves_on_schedule():
+    alg = ProtoNet(EMBED, shots=1, halve_every=2)
+    opt = alg.outer_optimizer(1.0, 7)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state, steps = opt.init(params), []
+    for _ in range(7):  # a constant gradient: Adam's step is the learning rate
+        updates, state = opt.update({"w": torch.ones(3, dtype=torch.float64)}, state, params)
+        steps.append(-float(updates["w"][0]))
+    assert steps == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25, 0.125], rel=1e-6)
+    assert ProtoNet(EMBED, shots=1, halve_every=None).outer_optimizer(1.0, 7) is not None
+    with pytest.raises(ValueError, match=r"ProtoNet\(halve_every\)"):
+        ProtoNet(EMBED, shots=1, halve_every=0)

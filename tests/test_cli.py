@@ -50,6 +50,19 @@ def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "algorithm", ["fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "baseline"]
+)
+def test_every_sinusoid_algorithm_trains_through_the_harness(tmp_path, algorithm):
+    run = tmp_path / algorithm
+    extra = ["--inner-steps", "2", "--eval-inner-steps", "2", "--report-steps", "0", "2"]
+    argv = ["train", "--algorithm", algorithm, "--run-dir", str(run), *QUICK]
+    assert main(argv + (extra if algorithm == "mamlpp" else [])) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert all(torch.isfinite(torch.tensor(v["mean"])) for v in results["loss"].values())
+    assert latest_checkpoint(run) is not None
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--algorithm", "nope"], "algorithm='nope' is not one of"),
@@ -59,6 +72,11 @@ def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
         (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
         (["--device", "cuda"], "CUDA is not available"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent"], "does not exist"),
+        (["--algorithm", "protonet"], "algorithm='protonet' classifies"),
+        (["--algorithm", "imaml", "--lam", "0"], "lam (iMAML's proximal weight) must be > 0"),
+        (["--inner-optimizer", "rmsprop"], "inner_optimizer='rmsprop' is not one of"),
+        (["--model", "conv4"], "model='conv4' takes images"),
+        (["--algorithm", "mamlpp"], "eval_inner_steps (10) must be <= inner_steps (1)"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, argv, message):

@@ -246,3 +246,19 @@ def test_cuda_sampler_matches_cpu() -> None:
     assert_same(a, b.to("cpu"))
     first = next(iter(gpu.episodes(20, seed=1, batch_size=20)))
     assert_same(next(iter(cpu.episodes(20, seed=1, batch_size=20))), first.to("cpu"))
+
+
+@pytest.mark.parametrize("storage", ["uint8", "float"])
+def test_pretraining_batches_trace_back_to_their_class(storage: str) -> None:
+    counts = torch.tensor([4, 2, 4])
+    data = ClassImages(barcodes(3, 4), ("a", "b", "c"), counts)
+    sampler = EpisodeSampler(data, ways=2, shots=1, queries=1, rotations=(0, 90), storage=storage)
+    x, y = sampler.batch(20, seeded(3))  # 2 x (4 + 2 + 4) real images: all of them
+    cls, ex, angle = decode(x)
+    assert torch.equal(y, (angle // 90) * 3 + cls)  # the id of sample_with_classes
+    assert bool((ex < counts[cls]).all())  # never a zero-padded slot
+    assert len({(int(c), int(e), int(a)) for c, e, a in zip(cls, ex, angle, strict=True)}) == 20
+    again, _ = sampler.batch(20, seeded(3))
+    assert torch.equal(x, again)
+    with pytest.raises(ValueError, match=r"EpisodeSampler.batch.*must lie in \[1, 20\]"):
+        sampler.batch(21, seeded(0))

@@ -10,10 +10,17 @@ import torch.nn.functional as F
 
 from metafunc import tree as mt
 from metafunc.algorithms._common import check_ways_shots, class_one_hot, ways_of
-from metafunc.algorithms.base import Algorithm, check_common, check_steps, task_metrics
+from metafunc.algorithms.base import (
+    Algorithm,
+    check_common,
+    check_lr,
+    check_steps,
+    task_metrics,
+)
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import task_map
 from metafunc.models.base import Model
+from metafunc.optim import GradientTransformation, adam, schedules
 
 __all__ = ["ProtoNet", "prototype_logits"]
 
@@ -44,12 +51,14 @@ class ProtoNet(Algorithm):
     (``dataclasses.replace(alg, ways=5)`` for another way count). Labels are ``0..ways-1``.
 
     ``adapt_and_predict`` returns the same logits for every step count. Omniglot (paper):
-    ``ProtoNet(conv4(None), shots=5)``, 60-way training episodes, Adam 1e-3.
+    ``ProtoNet(conv4(None), shots=5)``, 60-way training episodes, Adam 1e-3 halved every 2,000
+    episodes (:meth:`outer_optimizer`, ``halve_every``; ``None`` keeps it constant).
     """
 
     model: Model
     shots: int | None = None
     ways: int | None = None
+    halve_every: int | None = 2000
     strategy: str = "auto"
     chunk_size: int | None = None
     loss: str = "cross_entropy"
@@ -68,6 +77,8 @@ class ProtoNet(Algorithm):
                 "conv4(None) or resnet12(None)."
             )
         check_ways_shots(name, self.ways, self.shots)
+        if self.halve_every is not None:
+            check_steps(name, "halve_every", self.halve_every)
         check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
     def task_logits(self, meta_params: dict[str, Any], task: TaskBatch) -> torch.Tensor:
@@ -102,3 +113,11 @@ class ProtoNet(Algorithm):
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)
         logits = self._map(self.task_logits)(meta_params, batch)  # [T, Q, N]
         return logits[:, None].expand(-1, steps + 1, *logits.shape[1:])
+
+    def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
+        """Adam at ``lr``, halved every ``halve_every`` iterations (the paper's schedule)."""
+        check_lr(f"{type(self).__name__}.outer_optimizer", "lr", lr)
+        if self.halve_every is None or iterations <= self.halve_every:
+            return adam(lr)
+        halvings = range(self.halve_every, iterations, self.halve_every)
+        return adam(schedules.piecewise_constant(lr, dict.fromkeys(halvings, 0.5)))

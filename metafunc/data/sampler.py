@@ -233,6 +233,35 @@ class EpisodeSampler:
         _, rows = self._draw(count, torch.Generator().manual_seed(seed))
         return (self._gather(rows[i : i + batch_size]) for i in range(0, count, batch_size))
 
+    def batch(
+        self, batch_size: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A plain classification batch for pretraining: ``batch_size`` distinct images drawn
+        uniformly from every class (rotations included), normalised like :meth:`sample`, and
+        their class ids ``[batch_size]`` int64 (the ids of :meth:`sample_with_classes`)."""
+        call = "EpisodeSampler.batch(batch_size, generator)"
+        check_generator(generator, call=call)
+        device = generator.device
+        if self._counts is None:
+            valid = None
+            total = self.num_classes * self._examples
+        else:
+            slots = torch.arange(self._examples)
+            valid = (slots < self._counts[:, None]).flatten().nonzero().squeeze(1).to(device)
+            total = len(valid)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise ValueError(f"{call}: batch_size={batch_size!r}; pass an int in [1, {total}].")
+        if not 1 <= batch_size <= total:
+            raise ValueError(f"{call}: batch_size={batch_size} must lie in [1, {total}].")
+        rows = torch.randperm(total, generator=generator, device=device)[:batch_size]
+        if valid is not None:
+            rows = valid[rows]
+        rows = rows.to(self.device, non_blocking=True)
+        x = self._data.index_select(0, rows)
+        if not self._normalised:
+            x = self._normalise(x)
+        return x, rows // self._examples
+
     def _draw(
         self, num_tasks: int, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:

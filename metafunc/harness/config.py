@@ -13,7 +13,11 @@ from typing import Any
 
 __all__ = ["ALGORITHMS", "PRESETS", "Config", "ConfigError", "load_config_file"]
 
-ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "mamlpp")
+ALGORITHMS = (
+    "maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "protonet", "baseline",
+)  # fmt: skip
+INNER_OPTIMIZERS = ("sgd", "adam")
+FINETUNE = ("head", "all")
 MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
 DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs")
 STRATEGIES = ("auto", "vmap", "chunked", "loop")
@@ -28,13 +32,23 @@ class ConfigError(ValueError):
 class Config:
     """Everything a run needs. The defaults are the quick sinusoid MAML run of ``metafunc train``:
     the paper's network and settings (Finn et al. 2017, §5.1: 1-40-40-1 MLP, one inner step
-    at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 2,000 iterations, evaluated 5-shot."""
+    at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 2,000 iterations, evaluated 5-shot.
+
+    Algorithm-specific keys (ignored by the others): ``train_ways`` (ProtoNets' training ways,
+    default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``: Reptile, iMAML, baseline),
+    ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``), ``lam`` and ``cg_steps``
+    (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``), ``weights`` (baseline: a
+    pretrained backbone file), ``batch_size`` (baseline classification: images per pretraining
+    step; an iteration is one such batch). ``rotate_test``: Omniglot test classes rotated by
+    90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's is without).
+    """
 
     algorithm: str = "maml"
     dataset: str = "sinusoid"
     model: str = "auto"
     hidden: int | None = None
     ways: int | None = None
+    train_ways: int | None = None
     shots: int = 10
     queries: int | None = None
     eval_shots: int | None = 5
@@ -44,6 +58,14 @@ class Config:
     eval_inner_steps: int = 10
     report_steps: tuple[int, ...] = (0, 1, 10)
     first_order: bool = False
+    inner_optimizer: str | None = None
+    anneal: bool = False
+    lam: float = 2.0
+    cg_steps: int = 5
+    finetune: str | None = None
+    weights: str | None = None
+    batch_size: int = 128
+    rotate_test: bool = True
     meta_batch: int = 25
     iterations: int = 2000
     outer_lr: float = 1e-3
@@ -81,6 +103,9 @@ class Config:
         choice("model", MODELS)
         choice("strategy", STRATEGIES)
         choice("dtype", DTYPES)
+        for name, options in (("inner_optimizer", INNER_OPTIMIZERS), ("finetune", FINETUNE)):
+            if getattr(self, name) is not None:
+                choice(name, options)
         for name in (
             "shots",
             "meta_batch",
@@ -91,21 +116,46 @@ class Config:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "cg_steps",
+            "batch_size",
         ):
             positive(name)
         positive("eval_inner_steps", allow_zero=True)
-        for name in ("ways", "queries", "eval_shots", "eval_queries", "chunk_size", "hidden"):
+        for name in (
+            "ways",
+            "train_ways",
+            "queries",
+            "eval_shots",
+            "eval_queries",
+            "chunk_size",
+            "hidden",
+        ):
             positive(name, optional=True)
         for name in ("inner_lr", "outer_lr"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"config: {name} must be a number >= 0, got {value!r}.")
-        if self.dataset == "sinusoid" and self.ways is not None:
+        if not isinstance(self.lam, int | float) or isinstance(self.lam, bool) or self.lam <= 0:
+            raise ConfigError(
+                f"config: lam (iMAML's proximal weight) must be > 0, got {self.lam!r}; try 2.0."
+            )
+        if self.dataset == "sinusoid" and (self.ways is not None or self.train_ways is not None):
             raise ConfigError("config: the sinusoid has no classes; leave ways unset.")
+        if self.dataset == "sinusoid" and self.algorithm == "protonet":
+            raise ConfigError(
+                "config: algorithm='protonet' classifies; pick a classification dataset "
+                "(omniglot, mini-imagenet, cifar-fs), or another algorithm for the sinusoid."
+            )
         if any(s < 0 or s > self.eval_inner_steps for s in self.report_steps):
             raise ConfigError(
                 f"config: report_steps {self.report_steps} must lie in 0..eval_inner_steps "
                 f"({self.eval_inner_steps})."
+            )
+        if self.algorithm == "mamlpp" and self.eval_inner_steps > self.inner_steps:
+            raise ConfigError(
+                f"config: MAML++ learns a learning rate and batch norm per inner step, so "
+                f"eval_inner_steps ({self.eval_inner_steps}) must be <= inner_steps "
+                f"({self.inner_steps})."
             )
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"config: device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
@@ -197,26 +247,46 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 # The papers' settings (see ../shared/REFERENCE.md). Iterations are the papers'; shorten them
 # with --iterations on a CPU.
+_SINUSOID = {"report_steps": [0, 1, 5, 10], "iterations": 70000}
+_OMNIGLOT_1S = {"dataset": "omniglot", "shots": 1, "queries": 1, "eval_shots": 1, "eval_queries": 1}
+_MAML_5W = {
+    **_OMNIGLOT_1S, "ways": 5, "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3,
+    "report_steps": [0, 1, 3], "meta_batch": 32, "iterations": 60000,
+}  # fmt: skip
+_MAML_20W = {
+    **_OMNIGLOT_1S, "ways": 20, "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5,
+    "report_steps": [0, 5], "meta_batch": 16, "iterations": 60000,
+}  # fmt: skip
+# Snell et al.: 60-way 5-query training episodes, one per iteration, Adam 1e-3 halved every 2,000.
+_PROTONET = {
+    **_OMNIGLOT_1S, "algorithm": "protonet", "train_ways": 60, "queries": 5, "eval_queries": 5,
+    "meta_batch": 1, "eval_inner_steps": 0, "report_steps": [0], "iterations": 20000,
+}  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
-    "maml-sinusoid": {"iterations": 70000},
-    "maml-omniglot-5w1s": {
-        "dataset": "omniglot", "ways": 5, "shots": 1, "queries": 1, "eval_shots": 1,
-        "eval_queries": 1, "inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3,
-        "report_steps": [0, 1, 3], "meta_batch": 32, "iterations": 60000,
+    "maml-sinusoid": {**_SINUSOID},
+    # Finn et al.: pretrained on all tasks, fine-tuned by SGD (their step size was tuned; 0.01 here)
+    "baseline-sinusoid": {**_SINUSOID, "algorithm": "baseline"},
+    "maml-omniglot-5w1s": {**_MAML_5W},
+    "maml-omniglot-20w1s": {**_MAML_20W},
+    "fomaml-omniglot-5w1s": {**_MAML_5W, "algorithm": "fomaml"},
+    "fomaml-omniglot-20w1s": {**_MAML_20W, "algorithm": "fomaml"},
+    "anil-omniglot-20w1s": {**_MAML_20W, "algorithm": "anil"},
+    "mamlpp-omniglot-20w1s": {**_MAML_20W, "algorithm": "mamlpp", "iterations": 50000},
+    "protonet-omniglot-5w1s": {**_PROTONET, "ways": 5},
+    "protonet-omniglot-20w1s": {**_PROTONET, "ways": 20},
+    # Nichol et al., Table 3 (Omniglot): 10 training shots, inner Adam 1e-3 x 5 steps, ε = 1
+    # annealed to 0, meta-batch 5, 100k iterations, 50 steps at test, test classes unrotated.
+    "reptile-omniglot-5w1s": {
+        "algorithm": "reptile", "dataset": "omniglot", "ways": 5, "shots": 10, "queries": 1,
+        "eval_shots": 1, "eval_queries": 1, "inner_optimizer": "adam", "inner_lr": 1e-3,
+        "inner_steps": 5, "eval_inner_steps": 50, "report_steps": [0, 50], "anneal": True,
+        "outer_lr": 1.0, "meta_batch": 5, "iterations": 100000, "rotate_test": False,
     },
-    "maml-omniglot-20w1s": {
-        "dataset": "omniglot", "ways": 20, "shots": 1, "queries": 1, "eval_shots": 1,
-        "eval_queries": 1, "inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5,
-        "report_steps": [0, 5], "meta_batch": 16, "iterations": 60000,
-    },
-    "fomaml-omniglot-5w1s": {
-        "algorithm": "fomaml", "dataset": "omniglot", "ways": 5, "shots": 1, "queries": 1,
-        "eval_shots": 1, "eval_queries": 1, "inner_lr": 0.4, "inner_steps": 1,
-        "eval_inner_steps": 3, "report_steps": [0, 1, 3], "meta_batch": 32, "iterations": 60000,
-    },
-    "mamlpp-omniglot-20w1s": {
-        "algorithm": "mamlpp", "dataset": "omniglot", "ways": 20, "shots": 1, "queries": 1,
-        "eval_shots": 1, "eval_queries": 1, "inner_lr": 0.1, "inner_steps": 5,
-        "eval_inner_steps": 5, "report_steps": [0, 5], "meta_batch": 16, "iterations": 50000,
+    # Chen et al. style: pretrain conv4 on all 4,800 training classes (rotations included), then
+    # fit a fresh linear head per task with Adam (100 steps), backbone frozen.
+    "baseline-omniglot-5w1s": {
+        **_OMNIGLOT_1S, "algorithm": "baseline", "ways": 5, "queries": 5, "eval_queries": 1,
+        "batch_size": 128, "inner_steps": 100, "eval_inner_steps": 100,
+        "report_steps": [0, 100], "iterations": 20000,
     },
 }  # fmt: skip

@@ -3,6 +3,7 @@ module runs it, logs, checkpoints, resumes exactly and evaluates on a fixed set 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -19,7 +20,10 @@ from metafunc.data import TaskBatch, get_benchmark
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
 
-__all__ = ["NumericsError", "Run", "build", "evaluate", "train"]
+__all__ = [
+    "NumericsError", "Run", "build", "build_algorithm", "evaluate", "init_meta", "train",
+    "train_step",
+]  # fmt: skip
 
 
 class NumericsError(RuntimeError):
@@ -32,6 +36,7 @@ class Run:
 
     config: Config
     algorithm: algorithms.Algorithm
+    eval_algorithm: algorithms.Algorithm
     train_tasks: Any
     test_tasks: Any
     device: torch.device
@@ -48,6 +53,7 @@ def _device(cfg: Config) -> torch.device:
 
 
 def build_model(cfg: Config, ways: int | None) -> models.Model:
+    """The network of ``cfg``; ``ways=None`` gives it no head (an embedding)."""
     kind = cfg.model
     if kind == "auto":
         kind = {
@@ -55,29 +61,70 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             "mini-imagenet": "conv4-maxpool",
             "cifar-fs": "conv4-maxpool",
         }.get(cfg.dataset, "conv4")
-    out = 1 if cfg.is_regression else ways
     if kind == "mlp":
+        if not cfg.is_regression:
+            raise ConfigError(f"config: model='mlp' is for the sinusoid, not {cfg.dataset}.")
         h = cfg.hidden or 40
-        return models.mlp((1, h, h, out or 1))
+        return models.mlp((1, h, h, 1))
+    if cfg.is_regression:
+        raise ConfigError(f"config: model={kind!r} takes images; use model='mlp' (or auto).")
     if kind == "conv4":
         return models.conv4(
-            out, hidden=cfg.hidden or 64, in_channels=1 if "omniglot" in cfg.dataset else 3
+            ways, hidden=cfg.hidden or 64, in_channels=1 if "omniglot" in cfg.dataset else 3
         )
     if kind == "conv4-maxpool":
         size = 84 if cfg.dataset == "mini-imagenet" else 32
         return models.conv4(
-            out, hidden=cfg.hidden or 32, in_channels=3, pooling="maxpool", image_size=size
+            ways, hidden=cfg.hidden or 32, in_channels=3, pooling="maxpool", image_size=size
         )
-    return models.resnet12(out)
+    return models.resnet12(ways)
 
 
-_ALGORITHMS = {
+_GRADIENT_BASED = {
     "maml": algorithms.MAML,
     "fomaml": algorithms.FirstOrderMAML,
     "anil": algorithms.ANIL,
     "metasgd": algorithms.MetaSGD,
     "mamlpp": algorithms.MAMLPlusPlus,
 }
+
+
+def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.Algorithm:
+    """The algorithm of ``cfg`` (``train_tasks`` gives the baseline its class count)."""
+    ways = None if cfg.is_regression else (cfg.ways or 5)
+    loss = "mse" if cfg.is_regression else "cross_entropy"
+    common: dict[str, Any] = {"strategy": strategy, "chunk_size": cfg.chunk_size}
+    inner: dict[str, Any] = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps}
+    if cfg.inner_optimizer is not None:
+        inner["inner_optimizer"] = cfg.inner_optimizer
+    name = cfg.algorithm
+    if name in _GRADIENT_BASED:
+        if name != "fomaml":
+            common["first_order"] = cfg.first_order
+        return _GRADIENT_BASED[name](build_model(cfg, ways), **inner, loss=loss, **common)
+    if name == "reptile":
+        return algorithms.Reptile(
+            build_model(cfg, ways), **inner, anneal=cfg.anneal, loss=loss, **common
+        )
+    if name == "imaml":
+        return algorithms.IMAML(
+            build_model(cfg, ways), lam=cfg.lam, cg_steps=cfg.cg_steps, **inner, loss=loss,
+            **common,
+        )  # fmt: skip
+    if name == "protonet":
+        return algorithms.ProtoNet(build_model(cfg, None), shots=cfg.shots, **common)
+    # the pretrain-then-fine-tune baseline
+    extra: dict[str, Any] = {"finetune": cfg.finetune}
+    if cfg.is_regression:
+        return algorithms.Baseline(build_model(cfg, None), loss=loss, **inner, **extra, **common)
+    model = build_model(cfg, None)
+    x, _ = train_tasks.batch(1, torch.Generator(device=train_tasks.device).manual_seed(0))
+    probe = model.init(torch.Generator().manual_seed(0), dtype=x.dtype, device=x.device)
+    features = model.apply(probe, x).shape[-1]
+    return algorithms.Baseline(
+        model, num_train_classes=train_tasks.num_classes, feature_dim=features, ways=ways,
+        loss=loss, **inner, **extra, **common,
+    )  # fmt: skip
 
 
 def build(cfg: Config, *, strategy: str | None = None) -> Run:
@@ -88,37 +135,71 @@ def build(cfg: Config, *, strategy: str | None = None) -> Run:
     if root is not None and not Path(root).is_dir():
         raise ConfigError(f"config: data_root={root!r} does not exist.")
     common: dict[str, Any] = {"device": device, "dtype": dtype}
+    options: dict[str, Any] = {}
+    if cfg.dataset.startswith("omniglot") and cfg.rotate_test:
+        options["eval_rotations"] = (0, 90, 180, 270)
     ways = None if cfg.is_regression else (cfg.ways or 5)
-    if not cfg.is_regression:
-        common["ways"] = ways
-    train = get_benchmark(cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **common).train
+    train_kw = dict(common) if ways is None else {**common, "ways": cfg.train_ways or ways}
+    test_kw = dict(common) if ways is None else {**common, "ways": ways}
+    train = get_benchmark(
+        cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **train_kw, **options
+    ).train
     test = get_benchmark(
         cfg.dataset,
         root,
         shots=cfg.eval_shots or cfg.shots,
         queries=cfg.eval_queries or cfg.queries,
-        **common,
+        **test_kw,
+        **options,
     ).test
-    kwargs: dict[str, Any] = {
-        "inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps,
-        "loss": "mse" if cfg.is_regression else "cross_entropy",
-        "strategy": strategy or (cfg.strategy if cfg.strategy != "auto" else "auto"),
-        "chunk_size": cfg.chunk_size,
-    }  # fmt: skip
-    if cfg.algorithm not in ("fomaml",):
-        kwargs["first_order"] = cfg.first_order
-    alg = _ALGORITHMS[cfg.algorithm](build_model(cfg, ways), **kwargs)
-    return Run(cfg, alg, train, test, device, dtype)
+    alg = build_algorithm(cfg, train, strategy or cfg.strategy)
+    eval_alg = alg
+    if isinstance(alg, algorithms.ProtoNet):  # the test shots may differ from the training shots
+        eval_alg = dataclasses.replace(alg, shots=cfg.eval_shots or cfg.shots)
+    return Run(cfg, alg, eval_alg, train, test, device, dtype)
+
+
+def pretrains(run: Run) -> bool:
+    """Whether ``run`` trains on plain classification batches (the classification baseline)."""
+    return isinstance(run.algorithm, algorithms.Baseline) and not run.config.is_regression
+
+
+def train_step(
+    run: Run, meta: Any, generator: torch.Generator, step: int
+) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor], TaskBatch | None]:
+    """Draw one meta-batch (or pretraining batch) with ``generator`` and return ``(grads, loss,
+    metrics, batch)``: what the outer optimizer applies at iteration ``step``."""
+    cfg, alg = run.config, run.algorithm
+    if pretrains(run):
+        assert isinstance(alg, algorithms.Baseline)
+        x, y = run.train_tasks.batch(cfg.batch_size, generator)
+        grads, loss, metrics = alg.pretrain_grad(meta, x, y)
+        return grads, loss, metrics, None
+    batch = run.train_tasks.sample(cfg.meta_batch, generator)
+    grads, loss, metrics = alg.meta_grad(meta, batch, iteration=step)
+    return grads, loss, metrics, batch
+
+
+def init_meta(run: Run, seed: int) -> Any:
+    """The algorithm's meta-parameters from ``seed`` (the baseline loads ``weights`` if set)."""
+    gen = torch.Generator().manual_seed(seed)
+    if isinstance(run.algorithm, algorithms.Baseline) and run.config.weights:
+        return run.algorithm.init(
+            gen, dtype=run.dtype, device=run.device, weights=run.config.weights
+        )
+    return run.algorithm.init(gen, dtype=run.dtype, device=run.device)
 
 
 def _check_finite(
-    step: int, loss: torch.Tensor, grads: Any, run: Run, meta: Any, batch: TaskBatch
+    step: int, loss: torch.Tensor, grads: Any, run: Run, meta: Any, batch: TaskBatch | None
 ) -> None:
     bad = [p for p, g in mt.flatten_with_paths(grads).items() if not torch.isfinite(g).all()]
     if torch.isfinite(loss) and not bad:
         return
     task = "?"
-    for t in range(batch.num_tasks):  # error path only: find the first task that diverges
+    tasks = [] if batch is None else range(batch.num_tasks)
+    for t in tasks:  # error path only: find the first task that diverges
+        assert batch is not None
         one = TaskBatch(*(f[t : t + 1] for f in batch))
         task_loss, _ = run.algorithm.meta_loss(meta, one, iteration=step)
         if not torch.isfinite(task_loss):
@@ -140,7 +221,7 @@ def evaluate(
     count = episodes or cfg.eval_episodes
     per_step: dict[str, list[torch.Tensor]] = {}
     for batch in run.test_tasks.episodes(count, seed, batch_size=cfg.eval_batch):
-        metrics = run.algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
+        metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
         for k, v in metrics.items():
             per_step.setdefault(k, []).append(v.double().cpu())
     results: dict[str, Any] = {"episodes": count, "seed": seed, "steps": list(cfg.report_steps)}
@@ -176,16 +257,13 @@ def resolve_strategy(cfg: Config) -> str:
         run = build(cfg, strategy=strategy)
         gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
         gen.manual_seed(cfg.seed + 2)
-        meta = run.algorithm.init(
-            torch.Generator().manual_seed(0), dtype=run.dtype, device=run.device
-        )
-        batch = run.train_tasks.sample(cfg.meta_batch, gen)
-        run.algorithm.meta_grad(meta, batch)
+        meta = init_meta(run, 0)
+        train_step(run, meta, gen, 0)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         t = time.perf_counter()
-        for _ in range(2):
-            run.algorithm.meta_grad(meta, batch)
+        for step in range(2):
+            train_step(run, meta, gen, step)
         if run.device.type == "cuda":
             torch.cuda.synchronize(run.device)
         times[strategy] = time.perf_counter() - t
@@ -213,7 +291,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     alg = run.algorithm
-    meta = alg.init(torch.Generator().manual_seed(cfg.seed), dtype=run.dtype, device=run.device)
+    meta = init_meta(run, cfg.seed)
     opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
     opt_state = opt.init(meta)
     data_gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
@@ -257,8 +335,7 @@ def train(
                     f"  metafunc train --resume {run_dir}"
                 )
                 return {"interrupted": step}
-            batch = run.train_tasks.sample(cfg.meta_batch, data_gen)
-            grads, loss, metrics = alg.meta_grad(meta, batch, iteration=step)
+            grads, loss, metrics, batch = train_step(run, meta, data_gen, step)
             _check_finite(step, loss, grads, run, meta, batch)
             updates, opt_state = opt.update(grads, opt_state, meta)
             meta = optim.apply_updates(meta, updates)

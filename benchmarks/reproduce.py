@@ -1,0 +1,134 @@
+"""Run the papers' presets through the harness and keep what a results table needs.
+
+    python benchmarks/reproduce.py maml-sinusoid protonet-omniglot-20w1s=3000
+    python benchmarks/reproduce.py --table          # the README's markdown table
+
+``PRESET=N`` shortens a preset to ``N`` iterations (the papers' counts take days on a CPU). Each
+run trains in ``runs/reproduce/<preset>`` (resumed exactly if a previous session left a
+checkpoint there), then ``config.json``, ``eval.json``, ``metrics.jsonl`` and a ``run.json`` with
+the machine, date, threads and wall time are copied to ``benchmarks/results/reproduce/<preset>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "reproduce"
+
+# Published numbers (../shared/REFERENCE.md): preset -> (metric, {steps: value}, source)
+PAPER: dict[str, tuple[str, dict[str, str], str]] = {
+    "maml-sinusoid": ("MSE", {"1": "0.67", "5": "0.38", "10": "0.35"}, "Finn et al. 2017"),
+    "baseline-sinusoid": ("MSE", {"1": "2.41", "5": "2.23", "10": "2.19"}, "Finn et al. 2017"),
+    "maml-omniglot-5w1s": ("acc %", {"3": "98.7 ± 0.4"}, "Finn et al. 2017"),
+    "maml-omniglot-20w1s": ("acc %", {"5": "95.8 ± 0.3"}, "Finn et al. 2017"),
+    "fomaml-omniglot-5w1s": ("acc %", {"3": "98.3 ± 0.5"}, "Nichol et al. 2018"),
+    "fomaml-omniglot-20w1s": ("acc %", {"5": "89.4 ± 0.5"}, "Nichol et al. 2018"),
+    "anil-omniglot-20w1s": ("acc %", {"5": "96.2 ± 0.5"}, "Raghu et al. 2019"),
+    "mamlpp-omniglot-20w1s": ("acc %", {"5": "–"}, "Antoniou et al. 2018 (5-way only)"),
+    "protonet-omniglot-5w1s": ("acc %", {"0": "98.8"}, "Snell et al. 2017"),
+    "protonet-omniglot-20w1s": ("acc %", {"0": "96.0"}, "Snell et al. 2017"),
+    "reptile-omniglot-5w1s": ("acc %", {"50": "97.68 ± 0.04"}, "Nichol et al. 2018 (transd.)"),
+    "baseline-omniglot-5w1s": ("acc %", {"100": "–"}, "Chen et al. 2019 (no Omniglot row)"),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {cpu}"
+
+
+def run_one(preset: str, iterations: int | None, runs: Path, extra: list[str]) -> None:
+    run_dir = runs / preset
+    resume = (run_dir / "config.json").is_file() and any(run_dir.glob("ckpt-*.safetensors"))
+    cmd = [sys.executable, "-m", "metafunc", "train", "--quiet"]
+    if resume and not (run_dir / "eval.json").is_file():
+        cmd += ["--resume", str(run_dir)]
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cmd += ["--preset", preset, "--run-dir", str(run_dir), *extra]
+        if iterations is not None:
+            cmd += ["--iterations", str(iterations)]
+    print(f"$ {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    out = RESULTS / preset
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "eval.json", "metrics.jsonl"):
+        shutil.copy2(run_dir / name, out / name)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    previous = json.loads((out / "run.json").read_text()) if resume else {}
+    info = {
+        "preset": preset,
+        "iterations": cfg["iterations"],
+        "wall_seconds": round(wall + previous.get("wall_seconds", 0.0), 1),
+        "machine": machine(),
+        "torch_threads": os.environ.get("OMP_NUM_THREADS", "default"),
+        "date": date.today().isoformat(),
+        "command": "python benchmarks/reproduce.py "
+        + (f"{preset}={iterations}" if iterations else preset),
+    }
+    (out / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info), flush=True)
+
+
+def table() -> str:
+    rows = [
+        "| method / setting | metric | steps | ours (± 95% CI) | paper | iterations | "
+        "hardware | wall time | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for preset, (metric, paper, source) in PAPER.items():
+        folder = RESULTS / preset
+        if not (folder / "eval.json").is_file():
+            continue
+        ev = json.loads((folder / "eval.json").read_text())
+        info = json.loads((folder / "run.json").read_text())
+        key, scale = ("loss", 1.0) if metric == "MSE" else ("accuracy", 100.0)
+        for steps, value in paper.items():
+            r = ev[key].get(steps)
+            if r is None:
+                continue
+            digits = 2 if metric == "MSE" else 1
+            ours = f"{scale * r['mean']:.{digits}f} ± {scale * r['ci95']:.{digits}f}"
+            rows.append(
+                f"| {preset} | {metric} | {steps} | {ours} | {value} ({source}) | "
+                f"{info['iterations']:,} | {info['machine']} | {info['wall_seconds'] / 60:.0f} min"
+                f" | `{info['command']}` |"
+            )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("presets", nargs="*", help="PRESET or PRESET=ITERATIONS")
+    parser.add_argument("--runs", default="runs/reproduce", help="training folders")
+    parser.add_argument("--table", action="store_true", help="print the results table")
+    args, extra = parser.parse_known_args()
+    for item in args.presets:
+        name, _, iters = item.partition("=")
+        run_one(name, int(iters) if iters else None, Path(args.runs), extra)
+    if args.table or not args.presets:
+        print(table())
+
+
+if __name__ == "__main__":
+    main()
