@@ -1,4 +1,4 @@
-"""The ``metafunc`` command: ``train``, ``eval`` (and ``python -m metafunc``).
+"""The ``metafunc`` command: ``train``, ``eval``, ``plot`` (and ``python -m metafunc``).
 
 User errors (bad flags, configs, paths, checkpoints) print one clear line and exit with status 2,
 without a traceback.
@@ -67,6 +67,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--episodes", type=int, default=None)
     ev.add_argument("--seed", type=int, default=1234)
+    plot = sub.add_parser(
+        "plot",
+        help="PNG learning curves (and the MAML sinusoid figure) of a run",
+        description="Learning curves from metrics.jsonl; for a sinusoid run also the MAML-paper "
+        "figure: true function, support points, predictions before and after adaptation.",
+    )
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
+    plot.add_argument("--seed", type=int, default=0, help="seed of the plotted sinusoid tasks")
     return parser
 
 
@@ -107,32 +116,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import torch
+    from metafunc.harness.run import _format_results, evaluate, load_run
 
-    from metafunc.harness import (
-        Config,
-        ConfigError,
-        build,
-        evaluate,
-        latest_checkpoint,
-        load_checkpoint,
-    )
-    from metafunc.harness.run import _format_results
-
-    run_dir = Path(args.run_dir)
-    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    if ckpt is None or not (run_dir / "config.json").is_file():
-        raise ConfigError(f"eval {run_dir}: no config.json and checkpoint in that folder.")
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    run = build(cfg)
-    template = run.algorithm.init(
-        torch.Generator().manual_seed(0), dtype=run.dtype, device=run.device
-    )
-    _, trees, _ = load_checkpoint(ckpt, {"meta": template})
-    results = evaluate(run, trees["meta"], episodes=args.episodes, seed=args.seed)
+    run, meta, ckpt = load_run(args.run_dir)
+    results = evaluate(run, meta, episodes=args.episodes, seed=args.seed)
     results["checkpoint"] = ckpt.name
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(_format_results(results, cfg.is_regression))
+    (Path(args.run_dir) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(_format_results(results, run.config.is_regression))
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from metafunc.harness.plot import plot_run
+
+    for path in plot_run(args.run_dir, out_dir=args.out, seed=args.seed):
+        print(path)
     return 0
 
 
@@ -143,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "plot":
+            return _plot(args)
         return _eval(args)
     except NumericsError as err:
         print(f"metafunc {args.command}: error: {err}", file=sys.stderr)

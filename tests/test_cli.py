@@ -49,6 +49,20 @@ def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
     assert "MSE after 10 steps" in capsys.readouterr().out
 
 
+def test_plot_writes_curves_and_the_sinusoid_figure(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert [Path(p).name for p in printed] == ["curves.png", "sinusoid.png"]
+    for p in printed:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "algorithm", ["fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "baseline"]
 )

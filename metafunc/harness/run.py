@@ -1,11 +1,17 @@
 """Training and evaluation runs: what one step computes is the algorithm's ``meta_grad``; this
-module runs it, logs, checkpoints, resumes exactly and evaluates on a fixed set of episodes."""
+module runs it, logs, checkpoints, resumes exactly and evaluates on a fixed set of episodes.
+
+Under ``torchrun`` the same :func:`train` runs data-parallel (see :mod:`metafunc.distributed` for
+the design): every rank draws the whole global meta-batch from the one seeded generator and
+adapts its own slice, meta-gradients are averaged over the ranks weighted by their task counts,
+and rank 0 alone writes the run folder; a restarted worker group resumes from its checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -15,6 +21,7 @@ from typing import Any
 import torch
 
 from metafunc import algorithms, models, optim
+from metafunc import distributed as mdist
 from metafunc import tree as mt
 from metafunc.data import TaskBatch, get_benchmark
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -49,6 +56,10 @@ def _device(cfg: Config) -> torch.device:
             f"config: device={cfg.device!r} but CUDA is not available on this machine; use "
             "--device cpu."
         )
+    if cfg.device == "cuda" and mdist.is_initialized():  # one GPU per rank on each node
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
     return torch.device(cfg.device)
 
 
@@ -165,17 +176,25 @@ def pretrains(run: Run) -> bool:
 
 
 def train_step(
-    run: Run, meta: Any, generator: torch.Generator, step: int
+    run: Run, meta: Any, generator: torch.Generator, step: int, *, rank: int = 0, world: int = 1
 ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor], TaskBatch | None]:
     """Draw one meta-batch (or pretraining batch) with ``generator`` and return ``(grads, loss,
-    metrics, batch)``: what the outer optimizer applies at iteration ``step``."""
+    metrics, batch)``: what the outer optimizer applies at iteration ``step``.
+
+    With ``world > 1`` the whole global batch is drawn, so ``generator`` advances as in one
+    process, and only rank ``rank``'s slice (:func:`metafunc.distributed.local_slice`) is used:
+    ``grads`` are then the mean over that slice, and ``batch`` is the slice."""
     cfg, alg = run.config, run.algorithm
     if pretrains(run):
         assert isinstance(alg, algorithms.Baseline)
         x, y = run.train_tasks.batch(cfg.batch_size, generator)
+        if world > 1:
+            x, y = mdist.split_batch((x, y), rank, world)
         grads, loss, metrics = alg.pretrain_grad(meta, x, y)
         return grads, loss, metrics, None
     batch = run.train_tasks.sample(cfg.meta_batch, generator)
+    if world > 1:
+        batch = mdist.split_batch(batch, rank, world)
     grads, loss, metrics = alg.meta_grad(meta, batch, iteration=step)
     return grads, loss, metrics, batch
 
@@ -191,20 +210,34 @@ def init_meta(run: Run, seed: int) -> Any:
 
 
 def _check_finite(
-    step: int, loss: torch.Tensor, grads: Any, run: Run, meta: Any, batch: TaskBatch | None
+    step: int,
+    loss: torch.Tensor,
+    grads: Any,
+    run: Run,
+    meta: Any,
+    batch: TaskBatch | None,
+    *,
+    first_task: int = 0,
+    world: int = 1,
 ) -> None:
+    """Raise :class:`NumericsError` for a non-finite loss or gradient. Under ``torch.distributed``
+    ``loss`` and ``grads`` are the all-reduced ones (so every rank raises together), ``batch`` is
+    this rank's slice starting at task ``first_task`` of the global meta-batch."""
     bad = [p for p, g in mt.flatten_with_paths(grads).items() if not torch.isfinite(g).all()]
     if torch.isfinite(loss) and not bad:
         return
-    task = "?"
+    found: int | None = None
     tasks = [] if batch is None else range(batch.num_tasks)
     for t in tasks:  # error path only: find the first task that diverges
         assert batch is not None
         one = TaskBatch(*(f[t : t + 1] for f in batch))
         task_loss, _ = run.algorithm.meta_loss(meta, one, iteration=step)
         if not torch.isfinite(task_loss):
-            task = str(t)
+            found = first_task + t
             break
+    if world > 1:  # every rank is here: agree on the first diverging task of the global batch
+        found = min((t for t in mdist.all_gather_object(found) if t is not None), default=None)
+    task = "?" if found is None else str(found)
     raise NumericsError(
         f"train: step {step}: the meta-loss is {float(loss)} and the gradient is not finite at "
         f"{bad[:3] or 'no leaf'}; first diverging task in the meta-batch: {task}. The last good "
@@ -216,14 +249,27 @@ def evaluate(
     run: Run, meta: Any, *, episodes: int | None = None, seed: int = 1234
 ) -> dict[str, Any]:
     """The standard protocol: a fixed, seeded set of test episodes; mean ± 95% interval of the
-    query loss (and accuracy) after each of ``report_steps`` inner steps."""
+    query loss (and accuracy) after each of ``report_steps`` inner steps.
+
+    Under ``torch.distributed`` every rank must call it: the batches of episodes are dealt to the
+    ranks in turn and their per-episode metrics all-gathered, so every rank returns the same
+    results as one process would."""
     cfg = run.config
     count = episodes or cfg.eval_episodes
+    rank, world = mdist.rank(), mdist.world_size()
+    mine: list[tuple[int, dict[str, torch.Tensor]]] = []
+    for i, batch in enumerate(run.test_tasks.episodes(count, seed, batch_size=cfg.eval_batch)):
+        if i % world == rank:
+            metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
+            mine.append((i, {k: v.double().cpu() for k, v in metrics.items()}))
+    if world > 1:
+        mine = sorted(
+            (b for part in mdist.all_gather_object(mine) for b in part), key=lambda b: b[0]
+        )
     per_step: dict[str, list[torch.Tensor]] = {}
-    for batch in run.test_tasks.episodes(count, seed, batch_size=cfg.eval_batch):
-        metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
+    for _, metrics in mine:
         for k, v in metrics.items():
-            per_step.setdefault(k, []).append(v.double().cpu())
+            per_step.setdefault(k, []).append(v)
     results: dict[str, Any] = {"episodes": count, "seed": seed, "steps": list(cfg.report_steps)}
     for k, chunks in per_step.items():
         values = torch.cat(chunks)  # [episodes, steps + 1]
@@ -367,3 +413,22 @@ def train(
     if not quiet:
         print(_format_results(results, cfg.is_regression))
     return results
+
+
+def load_run(run_dir: str | Path) -> tuple[Run, Any, Path]:
+    """``(run, meta_params, checkpoint path)`` of a run folder's latest checkpoint."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    if ckpt is None or not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir}: no config.json and checkpoint (ckpt-*.safetensors) in that folder; "
+            "pass the folder `metafunc train` wrote."
+        )
+    cfg = Config.from_dict(
+        json.loads((run_dir / "config.json").read_text()), source=f"{run_dir}/config.json"
+    )
+    run = build(cfg)
+    _, trees, _ = load_checkpoint(
+        ckpt, {"meta": run.algorithm.init(dtype=run.dtype, device=run.device)}
+    )
+    return run, trees["meta"], ckpt
