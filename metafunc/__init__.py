@@ -23,11 +23,14 @@ __all__ = [
     "TaskBatch",
     "__version__",
     "adapt",
+    "algorithms",
     "check_strategies",
     "conv4",
     "data",
     "default_strategy",
+    "distributed",
     "from_module",
+    "harness",
     "mlp",
     "models",
     "optim",
@@ -39,6 +42,6 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Submodules with heavier imports load on first use, keeping `import metafunc` light.
-    if name == "data":
-        return importlib.import_module("metafunc.data")
+    if name in ("algorithms", "data", "distributed", "harness"):
+        return importlib.import_module(f"metafunc.{name}")
     raise AttributeError(f"module 'metafunc' has no attribute {name!r}")

@@ -24,6 +24,7 @@ from metafunc import algorithms, models, optim
 from metafunc import distributed as mdist
 from metafunc import tree as mt
 from metafunc.data import TaskBatch, get_benchmark
+from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
 
@@ -319,23 +320,45 @@ def resolve_strategy(cfg: Config) -> str:
 def train(
     cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
-    """Train, checkpoint and evaluate; returns the evaluation results (also in ``eval.json``)."""
+    """Train, checkpoint and evaluate; returns the evaluation results (also in ``eval.json``).
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` set), it joins the process group and trains
+    data-parallel: every rank must be given the same config (checked by hash at start-up), each
+    adapts its share of the global meta-batch ``cfg.meta_batch`` (at least one task), the
+    meta-gradients are averaged weighted by task counts, and only rank 0 writes the run folder and
+    prints. A run folder that already holds checkpoints of this config is resumed, so a worker
+    group restarted by ``torchrun --max-restarts`` continues from its last checkpoint.
+    ``METAFUNC_DEBUG_SYNC=N`` checks every ``N`` steps that all ranks hold bit-identical
+    meta-parameters and optimizer state.
+    """
+    ctx = mdist.init_from_env()
+    results = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
+    if ctx is not None and ctx.owns_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return results
+
+
+def _train(
+    cfg: Config | None, run_dir: Path, *, resume: bool, quiet: bool, ctx: mdist.Context | None
+) -> dict[str, Any]:
     from tqdm import tqdm
 
-    run_dir = Path(run_dir)
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise ConfigError(
-                f"--resume {run_dir}: no checkpoint (ckpt-*.safetensors) in that folder."
-            )
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = Config.from_dict(saved, source=f"{run_dir}/config.json")
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    lead = rank == 0
+    if ctx is None:
+        cfg, ckpt, sync_every = launch.open_run(cfg, run_dir, resume=resume, auto=False)
     else:
-        cfg = cfg.replace(strategy=resolve_strategy(cfg))  # saved, so a resume uses the same
+        cfg, ckpt, sync_every = launch.agree(cfg, run_dir, resume=resume)
+    first, count = launch.share(cfg, rank, world)
+    if cfg.strategy == "auto":  # timed on this rank's share; saved, so a resume uses the same
+        fastest = resolve_strategy(cfg.replace(**{launch.batch_key(cfg): count}))
+        cfg = cfg.replace(strategy=mdist.broadcast_object(fastest))
     run = build(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if lead:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     alg = run.algorithm
     meta = init_meta(run, cfg.seed)
     opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
@@ -343,13 +366,20 @@ def train(
     data_gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
     data_gen.manual_seed(cfg.seed + 1)
     start = 0
-    if resume:
-        assert ckpt is not None
+    if ckpt is not None:
         start, trees, _ = load_checkpoint(
             ckpt, {"meta": meta, "opt": opt_state, "rng": {"data": data_gen.get_state()}}
         )
         meta, opt_state = trees["meta"], trees["opt"]
         data_gen.set_state(trees["rng"]["data"])
+        launch.trim_log(run_dir / "metrics.jsonl", start)
+        if ctx is not None and not quiet:
+            print(f"resuming {run_dir} from {ckpt.name} (step {start})")
+    if world > 1:  # rank 0's state on every rank: a fresh start, or the checkpoint it alone read
+        state = {"step": torch.tensor(start), "meta": meta, "opt": opt_state}
+        state = mdist.broadcast_tree({**state, "rng": data_gen.get_state()})
+        start, meta, opt_state = int(state["step"]), state["meta"], state["opt"]
+        data_gen.set_state(state["rng"])
 
     def checkpoint(step: int) -> Path:
         return save_checkpoint(
@@ -362,31 +392,44 @@ def train(
         s: signal.signal(s, lambda signum, frame: stop.append(signum))
         for s in (signal.SIGINT, signal.SIGTERM)
     }
-    log = (run_dir / "metrics.jsonl").open("a")
+    log = (run_dir / "metrics.jsonl").open("a") if lead else None
     bar = tqdm(
         total=cfg.iterations,
         initial=start,
-        disable=quiet,
+        disable=quiet or not lead,
         desc=f"{cfg.algorithm} {cfg.dataset}",
         dynamic_ncols=True,
     )
+    crash_at = launch.injected_crash_step(rank)
+    stopping = False  # under torch.distributed: some rank was signalled (all ranks agree)
     t0 = time.perf_counter()
     step = start
     try:
         for step in range(start, cfg.iterations):
-            if stop:
-                path = checkpoint(step)
-                print(
-                    f"\nstopped by signal at step {step}; saved {path.name}. Resume with:\n"
-                    f"  metafunc train --resume {run_dir}"
-                )
+            if stopping or (world == 1 and stop):
+                if lead:
+                    path = checkpoint(step)
+                    print(
+                        f"\nstopped by signal at step {step}; saved {path.name}. Resume with:\n"
+                        f"  metafunc train --resume {run_dir}"
+                    )
                 return {"interrupted": step}
-            grads, loss, metrics, batch = train_step(run, meta, data_gen, step)
-            _check_finite(step, loss, grads, run, meta, batch)
+            if step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            grads, loss, metrics, batch = train_step(
+                run, meta, data_gen, step, rank=rank, world=world
+            )
+            if world > 1:  # the mean over the global batch, and whether any rank was signalled
+                flag = torch.tensor(float(bool(stop)), dtype=loss.dtype, device=loss.device)
+                tree = {"grads": grads, "loss": loss, "metrics": metrics, "stop": flag}
+                tree = mdist.all_reduce_mean(tree, weight=count)
+                grads, loss, metrics = tree["grads"], tree["loss"], tree["metrics"]
+                stopping = bool(tree["stop"] > 0)
+            _check_finite(step, loss, grads, run, meta, batch, first_task=first, world=world)
             updates, opt_state = opt.update(grads, opt_state, meta)
             meta = optim.apply_updates(meta, updates)
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.iterations:
+            if log is not None and (done % cfg.log_every == 0 or done == cfg.iterations):
                 elapsed = time.perf_counter() - t0
                 record = {
                     "step": done,
@@ -400,18 +443,25 @@ def train(
                     | {"tasks/s": f"{(done - start) * cfg.meta_batch / elapsed:.0f}"}
                 )
             bar.update(1)
-            if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
+            if lead and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 checkpoint(done)
+            if sync_every and (done % sync_every == 0 or done == cfg.iterations):
+                mdist.assert_in_sync(
+                    {"meta": meta, "opt": opt_state},
+                    what=f"train: after step {done}, the meta-parameters and optimizer state",
+                )
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         for s, h in handlers.items():
             signal.signal(s, h)
     results = evaluate(run, meta)
     results["train_seconds"] = round(time.perf_counter() - t0, 1)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    if not quiet:
-        print(_format_results(results, cfg.is_regression))
+    if lead:
+        (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        if not quiet:
+            print(_format_results(results, cfg.is_regression))
     return results
 
 
