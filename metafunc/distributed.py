@@ -19,11 +19,12 @@ the same meta-parameters (to rounding), as 1 process with meta-batch 8, and a ch
 by one world size resumes on another. (Seeding each rank from ``(seed, rank, step)`` would also be
 reproducible, but only for one world size.)
 
-A researcher's own loop needs two calls::
+A researcher's own loop adds three lines (join the group, keep this rank's tasks, average)::
 
+    import metafunc as mf
     import metafunc.distributed as mfd
 
-    ctx = mfd.init_from_env()  # joins torchrun's process group (None when not under torchrun)
+    mfd.init_from_env()  # joins torchrun's process group (nothing when not under torchrun)
     for step in range(steps):
         batch = sampler.sample(meta_batch, generator)  # the same generator seed on every rank
         local = mfd.split_batch(batch)  # this rank's tasks
@@ -32,7 +33,8 @@ A researcher's own loop needs two calls::
         updates, state = opt.update(grads, state, meta)
         meta = mf.optim.apply_updates(meta, updates)
 
-``torch.distributed`` is imported on first use, so ``import metafunc`` stays light.
+Start every rank from the same ``meta`` (the same init seed, or ``mfd.broadcast_tree(meta)``).
+This module loads on first use (``mf.distributed``), so ``import metafunc`` stays light.
 """
 
 from __future__ import annotations
