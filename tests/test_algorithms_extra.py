@@ -13,9 +13,11 @@ from torch import nn
 
 from metafunc import TaskBatch, conv4, from_module, mlp, optim, tree
 from metafunc.algorithms import (
+    ANIL,
     IMAML,
     MAML,
     Baseline,
+    MetaSGD,
     ProtoNet,
     Reptile,
     pretrain_batch,
@@ -578,3 +580,62 @@ def test_protonet_outer_learning_rate_halves_on_schedule():
     assert ProtoNet(EMBED, shots=1, halve_every=None).outer_optimizer(1.0, 7) is not None
     with pytest.raises(ValueError, match=r"ProtoNet\(halve_every\)"):
         ProtoNet(EMBED, shots=1, halve_every=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient checkpointing across inner steps
+# ---------------------------------------------------------------------------------------------
+
+
+class MomentumMAML(MAML):
+    """MAML whose inner optimizer has a floating state (momentum) and a step counter."""
+
+    def inner_optimizer(self, meta_params):
+        return optim.sgd(optim.schedules.exponential_decay(self.inner_lr, 0.9), momentum=0.9)
+
+
+CHECKPOINTED = {
+    "maml": (MAML, {}),
+    "fomaml": (MAML, {"first_order": True}),
+    "metasgd": (MetaSGD, {}),
+    "head-only": (MAML, {"trainable": "head"}),
+    "momentum": (MomentumMAML, {}),
+}
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("name", list(CHECKPOINTED))
+def test_checkpointed_meta_gradient_equals_the_full_graph(gen, name, strategy):
+    cls, kw = CHECKPOINTED[name]
+    model = conv4(3, hidden=4)
+    batch = class_tasks(gen, 3, 3, 2, 2)
+    plain = cls(model, inner_lr=0.3, inner_steps=3, strategy=strategy, **kw)
+    meta = plain.init(gen, dtype=torch.float64)
+    ref, ref_loss, _ = plain.meta_grad(meta, batch)
+    ckpt = cls(model, inner_lr=0.3, inner_steps=3, strategy=strategy, checkpoint=True, **kw)
+    grads, loss, metrics = ckpt.meta_grad(meta, batch)
+    assert rel_err(grads, ref) <= 1e-10
+    assert abs(float(loss - ref_loss)) <= 1e-12 and "accuracy" in metrics
+
+
+def test_checkpointed_memory_does_not_grow_like_the_graph(gen):
+    model = mlp((1, 64, 64, 1))
+    batch = sine_tasks(gen, 1, support=256, query=16)
+    peaks = {}
+    for checkpoint in (False, True):
+        for steps in (4, 32):
+            alg = MAML(model, inner_lr=0.01, inner_steps=steps, loss="mse", strategy="loop",
+                       checkpoint=checkpoint)  # fmt: skip
+            meta = alg.init(gen)
+            peaks[checkpoint, steps] = peak_bytes(lambda a=alg, m=meta: a.meta_grad(m, batch))
+    print("peak bytes:", peaks)
+    assert peaks[False, 32] > 5 * peaks[False, 4]  # the whole graph: grows with the steps
+    # checkpointed: one step's graph plus one copy of the parameters per step
+    param_bytes = sum(v.numel() * v.element_size() for v in meta["params"].values())
+    assert peaks[True, 32] - peaks[True, 4] <= 28 * 1.5 * param_bytes
+    assert peaks[True, 32] < peaks[False, 32] / 4
+
+
+def test_checkpoint_is_refused_where_the_inner_loop_is_custom():
+    with pytest.raises(ValueError, match=r"ANIL\(checkpoint\).*leave checkpoint=False"):
+        ANIL(conv4(3, hidden=4), checkpoint=True)

@@ -62,12 +62,11 @@ def test_plain_and_funcvmap_agree_in_subprocesses(tmp_path: Path) -> None:
 )
 def test_plain_and_funcvmap_agree_in_process(tmp_path: Path, changes: dict) -> None:
     spec = prepare(tiny_spec(**changes), tmp_path, seed=1)
-    results = {
-        impl: run_peer.run(impl, spec, tmp_path / f"{impl}.grad.pt")
-        for impl in ("plain", "funcvmap")
-    }
+    impls = ("plain", "funcvmap", "metafunc", "metafunc-vmap", "metafunc-checkpoint")
+    results = {impl: run_peer.run(impl, spec, tmp_path / f"{impl}.grad.pt") for impl in impls}
     rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-8)}
-    assert rows["funcvmap"]["ok"], rows["funcvmap"]
+    for impl in impls[1:]:
+        assert rows[impl]["ok"], rows[impl]
 
 
 def test_first_order_differs_from_second_order(tmp_path: Path) -> None:

@@ -48,6 +48,12 @@ IMPLS: dict[str, str] = {
     "higher": "benchmarks.peers.impl_higher",
     "torchopt": "benchmarks.peers.impl_torchopt",
     "torchopt-metasgd": "benchmarks.peers.impl_torchopt_metasgd",
+    # one module, one variant per task-parallel strategy: build(..., variant=name)
+    "metafunc": "benchmarks.peers.impl_metafunc",
+    "metafunc-loop": "benchmarks.peers.impl_metafunc",
+    "metafunc-vmap": "benchmarks.peers.impl_metafunc",
+    "metafunc-chunked": "benchmarks.peers.impl_metafunc",
+    "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
 }
 
 
@@ -113,7 +119,9 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize(device)
 
-    peer = module.build(spec, load_init(spec, device, dtype), load_data(spec, device, dtype))
+    inputs = (spec, load_init(spec, device, dtype), load_data(spec, device, dtype))
+    variant = {"variant": impl} if impl.startswith("metafunc") and impl in IMPLS else {}
+    peer = module.build(*inputs, **variant)
     names = list(peer.params)
     if names != param_names(spec):
         raise ValueError(f"run_peer: {impl}.build gave params {names}; need {param_names(spec)}.")

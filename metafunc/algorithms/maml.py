@@ -21,7 +21,7 @@ from metafunc.algorithms.base import (
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt, task_map
 from metafunc.models.base import Model
-from metafunc.optim import GradientTransformation, sgd
+from metafunc.optim import GradientTransformation, apply_updates, sgd
 
 __all__ = ["ANIL", "MAML", "FirstOrderMAML", "MetaSGD"]
 
@@ -47,12 +47,19 @@ class MAML(Algorithm):
     trainable: mt.PathFilter | None = None
     strategy: str = "auto"
     chunk_size: int | None = None
+    checkpoint: bool = False
 
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_lr(name, "inner_lr", self.inner_lr)
         check_steps(name, "inner_steps", self.inner_steps)
         check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
+        if self.checkpoint and type(self).task_loss is not MAML.task_loss:
+            raise ValueError(
+                f"{name}(checkpoint): checkpointing across inner steps is implemented for MAML, "
+                "FirstOrderMAML and MetaSGD, whose inner loop is the whole network; "
+                f"{name} builds its own, so leave checkpoint=False."
+            )
 
     # -- what is meta-learned, and how the inner update is built from it --------------------
 
@@ -100,10 +107,99 @@ class MAML(Algorithm):
             self.loss, preds, task.query_y
         )
 
+    def checkpointed_task_grad(
+        self, meta_params: dict[str, Any], task: TaskBatch, iteration: int = 0
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """One task's ``(gradient of the query loss w.r.t. meta_params, loss, metrics)`` by a
+        forward sweep that stores only each step's parameters and optimizer state, and a
+        reverse sweep that recomputes one inner step at a time under ``torch.func.vjp``."""
+        first_order = self.first_order_at(iteration)
+        where = self.trainable
+
+        def fast_of(mp: dict[str, Any]) -> Any:
+            return mp["params"] if where is None else mt.partition(mp["params"], where)[0]
+
+        def full(fast: Any, mp: dict[str, Any]) -> Any:
+            if where is None:
+                return fast
+            _, frozen, spec = mt.partition(mp["params"], where)
+            return mt.combine(fast, frozen, spec)
+
+        def step(fast: Any, state: Any, mp: dict[str, Any]) -> tuple[Any, Any]:
+            grads = torch.func.grad(lambda f: self.support_loss(full(f, mp), task))(fast)
+            if first_order:
+                grads = mt.detach(grads)
+            updates, state = self.inner_optimizer(mp).update(grads, state, fast)
+            return apply_updates(fast, updates), state
+
+        # Optimizer states may hold integer leaves (step counters): they are carried as
+        # constants; the floating leaves go through the vjp.
+        fast = fast_of(meta_params)
+        state = self.inner_optimizer(meta_params).init(fast)
+        spec = mt.structure(state)
+        mask = [torch.is_floating_point(x) for x in mt.leaves(state)]
+
+        def floats(st: Any) -> list[torch.Tensor]:
+            return [x for x, m in zip(mt.leaves(st), mask, strict=True) if m]
+
+        def merged(fl: list[torch.Tensor], st: Any) -> Any:
+            it = iter(fl)
+            return spec.unflatten(
+                [next(it) if m else x for x, m in zip(mt.leaves(st), mask, strict=True)]
+            )
+
+        saved = []
+        with torch.no_grad():  # values only: the reverse sweep rebuilds each step's graph
+            for _ in range(self.inner_steps):
+                saved.append((fast, state))
+                fast, state = step(fast, state, meta_params)
+
+        def query(f: Any, mp: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            preds = self.predict(full(f, mp), task)
+            return loss_fn_of(self.loss)(preds, task.query_y), preds.detach()
+
+        loss, pull, preds = torch.func.vjp(query, fast, meta_params, has_aux=True)  # type: ignore[misc]
+        g_fast, g_meta = pull(torch.ones_like(loss))
+        g_state = [torch.zeros_like(x) for x in floats(state)]
+        for fast_k, state_k in reversed(saved):
+
+            def one_step(f: Any, fl: list[torch.Tensor], mp: Any, st: Any = state_k) -> Any:
+                new_fast, new_state = step(f, merged(fl, st), mp)
+                return new_fast, floats(new_state)
+
+            _, pull = torch.func.vjp(one_step, fast_k, floats(state_k), meta_params)  # type: ignore[misc]
+            g_fast, g_state, g_mp = pull((g_fast, g_state))
+            g_meta = mt.add(g_meta, g_mp)
+        # the inner loop starts at the trainable leaves of meta_params['params']
+        if where is None:
+            g_params = mt.add(g_meta["params"], g_fast)
+        else:
+            sel, rest, pspec = mt.partition(g_meta["params"], where)
+            g_params = mt.combine(mt.add(sel, g_fast), rest, pspec)
+        g_meta = {**g_meta, "params": g_params}
+        return g_meta, loss.detach(), task_metrics(self.loss, preds, task.query_y)
+
     # -- the meta-batch ----------------------------------------------------------------------
 
     def _map(self, fn: Any) -> Any:
         return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
+
+    def meta_grad(
+        self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """The gradient of :meth:`meta_loss`; with ``checkpoint=True`` by
+        :meth:`checkpointed_task_grad` per task (same value, memory flat in ``inner_steps``)."""
+        if not self.checkpoint:
+            return super().meta_grad(meta_params, batch, iteration=iteration)
+        mt.validate(
+            meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
+            name="meta_params",
+        )  # fmt: skip
+        grads, losses, metrics = self._map(
+            lambda mp, t: self.checkpointed_task_grad(mp, t, iteration)
+        )(meta_params, batch)
+        mean = mt.map(lambda g: g.mean(0), grads)
+        return mean, losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0

@@ -34,7 +34,9 @@ class Config:
     the paper's network and settings (Finn et al. 2017, §5.1: 1-40-40-1 MLP, one inner step
     at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 2,000 iterations, evaluated 5-shot.
 
-    Algorithm-specific keys (ignored by the others): ``train_ways`` (ProtoNets' training ways,
+    ``inner_checkpoint``: gradient checkpointing across inner steps (MAML, FOMAML, Meta-SGD):
+    memory flat in ``inner_steps``, the same gradient. Algorithm-specific keys (ignored by the
+    others): ``train_ways`` (ProtoNets' training ways,
     default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``: Reptile, iMAML, baseline),
     ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``), ``lam`` and ``cg_steps``
     (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``), ``weights`` (baseline: a
@@ -58,6 +60,7 @@ class Config:
     eval_inner_steps: int = 10
     report_steps: tuple[int, ...] = (0, 1, 10)
     first_order: bool = False
+    inner_checkpoint: bool = False
     inner_optimizer: str | None = None
     anneal: bool = False
     lam: float = 2.0

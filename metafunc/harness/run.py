@@ -113,6 +113,8 @@ def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.
     if name in _GRADIENT_BASED:
         if name != "fomaml":
             common["first_order"] = cfg.first_order
+        if cfg.inner_checkpoint:
+            common["checkpoint"] = True
         return _GRADIENT_BASED[name](build_model(cfg, ways), **inner, loss=loss, **common)
     if name == "reptile":
         return algorithms.Reptile(

@@ -1,0 +1,68 @@
+"""metafunc: ``metafunc.MAML`` on ``metafunc.models.conv4``, tasks mapped by ``task_map``.
+
+Registered as ``metafunc`` (the default strategy for the device: ``'auto'``), and
+``metafunc-loop``, ``metafunc-vmap``, ``metafunc-chunked`` (chunks of 8 tasks) to time each
+task-parallel strategy on the same work, and ``metafunc-checkpoint`` (the default strategy with
+``MAML(checkpoint=True)``: memory flat in the number of inner steps).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from benchmarks.peers.spec import Spec
+
+DESCRIPTION = (
+    "metafunc.MAML(conv4): torch.func.grad inner loop, tasks through metafunc.task_map with the "
+    "named strategy (auto = loop on CPU, vmap on CUDA); meta-gradient by torch.func.grad"
+)
+STRATEGIES = {
+    "metafunc": "auto",
+    "metafunc-loop": "loop",
+    "metafunc-vmap": "vmap",
+    "metafunc-chunked": "chunked",
+    "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps
+}
+
+
+def library_version() -> str:
+    import metafunc
+
+    return metafunc.__version__
+
+
+class MetafuncPeer:
+    def __init__(
+        self, spec: Spec, init: dict[str, Tensor], data: dict[str, Tensor], variant: str
+    ) -> None:
+        from metafunc.algorithms import MAML
+        from metafunc.data import TaskBatch
+        from metafunc.models import conv4
+
+        model = conv4(
+            spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,
+            image_size=spec.image_size,
+        )  # fmt: skip
+        self.alg = MAML(
+            model, inner_lr=spec.inner_lr, inner_steps=spec.inner_steps,
+            first_order=spec.first_order, strategy=STRATEGIES[variant],
+            chunk_size=8 if variant == "metafunc-chunked" else None,
+            checkpoint=variant == "metafunc-checkpoint",
+        )  # fmt: skip
+        self.params = {k: v.requires_grad_() for k, v in init.items()}
+        self.batch = TaskBatch(
+            data["support_x"], data["support_y"], data["query_x"], data["query_y"]
+        )
+
+    def forward_backward(self) -> Tensor:
+        meta = {"params": {k: p.detach() for k, p in self.params.items()}}
+        grads, loss, _ = self.alg.meta_grad(meta, self.batch)
+        for k, p in self.params.items():
+            p.grad = grads["params"][k]
+        return loss
+
+
+def build(
+    spec: Spec, init: dict[str, Tensor], data: dict[str, Tensor], variant: str = "metafunc"
+) -> MetafuncPeer:
+    return MetafuncPeer(spec, init, data, variant)
