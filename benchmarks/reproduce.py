@@ -56,9 +56,15 @@ def machine() -> str:
 
 def run_one(preset: str, iterations: int | None, runs: Path, extra: list[str]) -> None:
     run_dir = runs / preset
-    resume = (run_dir / "config.json").is_file() and any(run_dir.glob("ckpt-*.safetensors"))
+    config = run_dir / "config.json"
+    saved = json.loads(config.read_text()) if config.is_file() else {}
+    same = saved.get("preset") == preset and iterations in (None, saved.get("iterations"))
+    resume = same and any(run_dir.glob("ckpt-*.safetensors"))
+    finished = same and (run_dir / "eval.json").is_file()
     cmd = [sys.executable, "-m", "metafunc", "train", "--quiet"]
-    if resume and not (run_dir / "eval.json").is_file():
+    if finished:  # trained before (e.g. by an interrupted queue): collect it
+        cmd = []
+    elif resume:
         cmd += ["--resume", str(run_dir)]
     else:
         if run_dir.exists():
@@ -66,16 +72,22 @@ def run_one(preset: str, iterations: int | None, runs: Path, extra: list[str]) -
         cmd += ["--preset", preset, "--run-dir", str(run_dir), *extra]
         if iterations is not None:
             cmd += ["--iterations", str(iterations)]
-    print(f"$ {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if cmd:
+        print(f"$ {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
+    if finished:
+        wall = json.loads((run_dir / "eval.json").read_text())["train_seconds"]
     out = RESULTS / preset
     out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "eval.json", "metrics.jsonl"):
         shutil.copy2(run_dir / name, out / name)
     cfg = json.loads((run_dir / "config.json").read_text())
-    previous = json.loads((out / "run.json").read_text()) if resume else {}
+    earlier = out / "run.json"  # a resumed run adds the wall time its first part took
+    previous = json.loads(earlier.read_text()) if resume and earlier.is_file() else {}
+    if finished or previous.get("preset") != preset:
+        previous = {}
     info = {
         "preset": preset,
         "iterations": cfg["iterations"],

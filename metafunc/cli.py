@@ -1,4 +1,4 @@
-"""The ``metafunc`` command: ``train``, ``eval``, ``plot`` (and ``python -m metafunc``).
+"""The ``metafunc`` command: ``train``, ``eval``, ``plot``, ``bench`` (and ``python -m metafunc``).
 
 User errors (bad flags, configs, paths, checkpoints) print one clear line and exit with status 2,
 without a traceback.
@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
     plot.add_argument("--seed", type=int, default=0, help="seed of the plotted sinusoid tasks")
+    bench = sub.add_parser(
+        "bench",
+        help="run a speed/memory benchmark from the source checkout's benchmarks/ folder",
+        description="Runs benchmarks/<script> with the remaining arguments: peers (metafunc vs "
+        "learn2learn, higher, TorchOpt, plain loops; --check for gradient agreement), memory "
+        "(peak memory vs inner steps), sampler (episode sampling), reproduce (paper presets).",
+    )
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--help)")
     return parser
 
 
@@ -126,6 +135,31 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "peers": "peers/driver.py",
+    "memory": "bench_memory.py",
+    "sampler": "bench_sampler.py",
+    "reproduce": "reproduce.py",
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from metafunc.harness import ConfigError
+
+    candidates = [Path(__file__).resolve().parents[1] / "benchmarks", Path.cwd() / "benchmarks"]
+    folder = next((c for c in candidates if (c / BENCHMARKS[args.name]).is_file()), None)
+    if folder is None:
+        raise ConfigError(
+            "bench: the benchmark scripts live in the source checkout's benchmarks/ folder, "
+            "which this installation does not have; clone the repository and pip install -e ., "
+            "or run from the checkout."
+        )
+    cmd = [sys.executable, str(folder / BENCHMARKS[args.name]), *args.args]
+    return subprocess.run(cmd, check=False).returncode
+
+
 def _plot(args: argparse.Namespace) -> int:
     from metafunc.harness.plot import plot_run
 
@@ -143,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "plot":
             return _plot(args)
+        if args.command == "bench":
+            return _bench(args)
         return _eval(args)
     except NumericsError as err:
         print(f"metafunc {args.command}: error: {err}", file=sys.stderr)

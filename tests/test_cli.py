@@ -185,3 +185,10 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     a, b = _final(straight), _final(killed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_runs_the_checkout_scripts(capfd):
+    assert main(["bench", "memory", "--help"]) == 0
+    assert "inner steps" in capfd.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["bench", "nope"])

@@ -38,6 +38,7 @@ __all__ = [
     "make_inputs",
     "prepare",
     "run_impl",
+    "speedups",
 ]
 
 RUN_PEER = Path(__file__).resolve().parent / "run_peer.py"
@@ -166,16 +167,45 @@ def compare_gradients(
     return rows
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A fixed-width text table of ``rows`` (floats in ``%.3g``), one line per row."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, markdown: bool = False
+) -> str:
+    """A fixed-width text table of ``rows`` (floats in ``%.3g``), one line per row; with
+    ``markdown``, a GitHub markdown table."""
 
     def cell(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
 
     table = [list(columns)] + [[cell(r.get(c)) for c in columns] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(line) + " |" for line in table]
+        return "\n".join([lines[0], "|" + "---|" * len(columns), *lines[1:]])
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
     return "\n".join(line.rstrip() for line in lines)
+
+
+def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting and metafunc impl: ``peer median / metafunc median`` for every timed peer
+    (> 1 means metafunc is faster) and the peak-memory ratio to each peer."""
+    out: list[dict[str, Any]] = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        ok = [r for r in rows if r["setting"] == name and r["status"] == "ok"]
+        ours = [r for r in ok if r["impl"].startswith("metafunc")]
+        peers = [r for r in ok if not r["impl"].startswith("metafunc")]
+        for mine in ours:
+            row: dict[str, Any] = {"setting": name, "impl": mine["impl"]}
+            for peer in peers:
+                row[f"x {peer['impl']}"] = round(peer["median_ms"] / mine["median_ms"], 2)
+            if peers:
+                fastest = min(peers, key=lambda r: r["median_ms"])
+                row["fastest peer"] = fastest["impl"]
+                row["x fastest"] = round(fastest["median_ms"] / mine["median_ms"], 2)
+                row["mem / fastest"] = round(
+                    mine["peak_memory_mib"] / fastest["peak_memory_mib"], 2
+                )
+            out.append(row)
+    return out
 
 
 def _python_for(impl: str, overrides: Mapping[str, str]) -> str:
@@ -215,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--first-order", action="store_true", help="timing mode: FOMAML")
     p.add_argument("--per-task-backward", action="store_true")
+    p.add_argument("--out", type=Path, default=None, help="also write summary JSON + table here")
     args = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.python_for)
     impls = [s for s in args.impls.split(",") if s]
@@ -260,9 +291,24 @@ def main(argv: list[str] | None = None) -> int:
         cols = ["setting", "impl", "status", "median_ms", "tasks_per_s", "peak_memory_mib"]
         cols += ["peak_increase_mib", "grad_rel_err", "grad_global_rel_err"]
     print(format_table(summary, [*cols, "reason"]))
+    table = format_table(summary, [*cols, "reason"], markdown=True)
+    ratios = [] if args.check else speedups(summary)
+    if ratios:
+        print(format_table(ratios, list(ratios[0])))
+        table += "\n\n" + format_table(ratios, list(ratios[0]), markdown=True)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"summary: {workdir / 'summary.json'}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
+            "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
+            "warmup": args.warmup, "torch": torch.__version__,
+        }  # fmt: skip
+        args.out.write_text(json.dumps({**meta, "rows": summary, "speedups": ratios}, indent=2))
+        args.out.with_suffix(".md").write_text(table + "\n")
+        print(f"results: {args.out}")
     return 1 if failed else 0
 
 
