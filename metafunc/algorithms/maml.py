@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from metafunc import tree as mt
+from metafunc._transforms import under_grad
 from metafunc.algorithms.base import (
     Algorithm,
     check_common,
@@ -158,8 +159,11 @@ class MAML(Algorithm):
             preds = self.predict(full(f, mp), task)
             return loss_fn_of(self.loss)(preds, task.query_y), preds.detach()
 
+        # Nothing differentiates this sweep from outside: keep no graph between steps.
+        outside = under_grad() or any(x.requires_grad for x in mt.leaves(meta_params))
+        cut = (lambda t: t) if outside else mt.detach
         loss, pull, preds = torch.func.vjp(query, fast, meta_params, has_aux=True)  # type: ignore[misc]
-        g_fast, g_meta = pull(torch.ones_like(loss))
+        g_fast, g_meta = cut(pull(torch.ones_like(loss)))
         g_state = [torch.zeros_like(x) for x in floats(state)]
         for fast_k, state_k in reversed(saved):
 
@@ -168,7 +172,7 @@ class MAML(Algorithm):
                 return new_fast, floats(new_state)
 
             _, pull = torch.func.vjp(one_step, fast_k, floats(state_k), meta_params)  # type: ignore[misc]
-            g_fast, g_state, g_mp = pull((g_fast, g_state))
+            g_fast, g_state, g_mp = cut(pull((g_fast, g_state)))
             g_meta = mt.add(g_meta, g_mp)
         # the inner loop starts at the trainable leaves of meta_params['params']
         if where is None:

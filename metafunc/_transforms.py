@@ -1,0 +1,35 @@
+"""Which ``torch.func`` transforms are active: lets a layer or a gradient pick the fastest exact
+implementation (private torch API, guarded; when it cannot be read, the safe choice is made)."""
+
+from __future__ import annotations
+
+__all__ = ["any_transform", "under_grad", "under_vmap"]
+
+
+def _keys() -> list[str] | None:
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        return [str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()]
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - other torch
+        return None
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active; ``True`` when that cannot be told."""
+    keys = _keys()
+    return True if keys is None else "Vmap" in keys
+
+
+def any_transform() -> bool:
+    """Whether any ``torch.func`` transform (grad, vmap, jvp...) is active; ``True`` when that
+    cannot be told."""
+    keys = _keys()
+    return True if keys is None else bool(keys)
+
+
+def under_grad() -> bool:
+    """Whether a ``torch.func`` differentiation transform (grad, vjp, jvp) is active; ``True``
+    when that cannot be told."""
+    keys = _keys()
+    return True if keys is None else any(k in ("Grad", "Jvp") for k in keys)
