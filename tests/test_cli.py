@@ -192,3 +192,14 @@ def test_bench_runs_the_checkout_scripts(capfd):
     assert "inner steps" in capfd.readouterr().out
     with pytest.raises(SystemExit):
         main(["bench", "nope"])
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]

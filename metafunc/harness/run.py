@@ -395,6 +395,7 @@ def _train(
         for s in (signal.SIGINT, signal.SIGTERM)
     }
     log = (run_dir / "metrics.jsonl").open("a") if lead else None
+    board = _tensorboard(run_dir) if lead else None
     bar = tqdm(
         total=cfg.iterations,
         initial=start,
@@ -440,6 +441,10 @@ def _train(
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
+                if board is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            board.add_scalar(f"train/{k}", v, done)
                 bar.set_postfix(
                     {k: f"{float(v):.3f}" for k, v in metrics.items()}
                     | {"tasks/s": f"{(done - start) * cfg.meta_batch / elapsed:.0f}"}
@@ -456,6 +461,8 @@ def _train(
         bar.close()
         if log is not None:
             log.close()
+        if board is not None:
+            board.close()
         for s, h in handlers.items():
             signal.signal(s, h)
     results = evaluate(run, meta)
@@ -465,6 +472,18 @@ def _train(
         if not quiet:
             print(_format_results(results, cfg.is_regression))
     return results
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` on ``run_dir/tensorboard`` when the ``tensorboard``
+    package is installed (``pip install tensorboard``), else ``None``."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def load_run(run_dir: str | Path) -> tuple[Run, Any, Path]:
