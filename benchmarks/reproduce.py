@@ -5,7 +5,8 @@
 
 ``PRESET=N`` shortens a preset to ``N`` iterations (the papers' counts take days on a CPU). Each
 run trains in ``runs/reproduce/<preset>`` (resumed exactly if a previous session left a
-checkpoint there), then ``config.json``, ``eval.json``, ``metrics.jsonl`` and a ``run.json`` with
+checkpoint there, or extended to ``N`` if it finished with fewer), then ``config.json``,
+``eval.json``, ``metrics.jsonl`` and a ``run.json`` with
 the machine, date, threads and wall time are copied to ``benchmarks/results/reproduce/<preset>/``.
 """
 
@@ -59,13 +60,16 @@ def run_one(preset: str, iterations: int | None, runs: Path, extra: list[str]) -
     config = run_dir / "config.json"
     saved = json.loads(config.read_text()) if config.is_file() else {}
     same = saved.get("preset") == preset and iterations in (None, saved.get("iterations"))
-    resume = same and any(run_dir.glob("ckpt-*.safetensors"))
+    longer = saved.get("preset") == preset and (iterations or 0) > saved.get("iterations", 0)
+    resume = (same or longer) and any(run_dir.glob("ckpt-*.safetensors"))
     finished = same and (run_dir / "eval.json").is_file()
     cmd = [sys.executable, "-m", "metafunc", "train", "--quiet"]
     if finished:  # trained before (e.g. by an interrupted queue): collect it
         cmd = []
-    elif resume:
+    elif resume:  # continue an interrupted run, or extend a finished one to more iterations
         cmd += ["--resume", str(run_dir)]
+        if longer:
+            cmd += ["--iterations", str(iterations)]
     else:
         if run_dir.exists():
             shutil.rmtree(run_dir)

@@ -105,6 +105,39 @@ def _config_from(args: argparse.Namespace) -> Any:
     return Config.from_dict(values)
 
 
+# Algorithms whose outer schedule depends on the total number of iterations (Reptile's linear
+# annealing, MAML++'s cosine): a longer run is a different run from its first step.
+_SCHEDULED = ("reptile", "mamlpp")
+
+
+def _extend(run_dir: Path, iterations: int) -> None:
+    """``--resume RUN --iterations N``: continue a run to ``N`` iterations; exactly the run that
+    ``--iterations N`` would have been from the start when the outer schedule does not depend on
+    the total (every algorithm but Reptile with annealing and MAML++)."""
+    from metafunc.harness import Config, ConfigError
+
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.json in that folder.")
+    cfg = Config.from_dict(json.loads(path.read_text()), source=str(path))
+    if iterations < cfg.iterations:
+        raise ConfigError(
+            f"--resume {run_dir} --iterations {iterations}: the run is set to {cfg.iterations} "
+            "iterations; --iterations can only extend it."
+        )
+    if (
+        iterations != cfg.iterations
+        and cfg.algorithm in _SCHEDULED
+        and (cfg.algorithm != "reptile" or cfg.anneal)
+    ):
+        raise ConfigError(
+            f"--resume {run_dir} --iterations {iterations}: {cfg.algorithm}'s outer schedule "
+            "depends on the total number of iterations, so a longer run is a new run; start "
+            "one with --iterations."
+        )
+    path.write_text(json.dumps(cfg.replace(iterations=iterations).to_dict(), indent=2) + "\n")
+
+
 def _train(args: argparse.Namespace) -> int:
     from metafunc.harness import PRESETS, train
 
@@ -113,6 +146,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"{name}: {json.dumps(values)}")
         return 0
     if args.resume:
+        if args.iterations is not None:
+            _extend(Path(args.resume), args.iterations)
         return 0 if train(None, args.resume, resume=True, quiet=args.quiet) else 1  # type: ignore[arg-type]
     cfg = _config_from(args)
     run_dir = Path(

@@ -203,3 +203,15 @@ def test_tensorboard_events_when_installed(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+
+
+def test_resume_with_more_iterations_extends_the_run_exactly(tmp_path):
+    short, straight = tmp_path / "short", tmp_path / "straight"
+    assert main(["train", "--run-dir", str(short), *QUICK, "--iterations", "3"]) == 0
+    assert main(["train", "--resume", str(short), "--iterations", "6", "--quiet"]) == 0
+    assert main(["train", "--run-dir", str(straight), *QUICK]) == 0
+    a = load_file(str(latest_checkpoint(short)))
+    b = load_file(str(latest_checkpoint(straight)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((short / "config.json").read_text())["iterations"] == 6
+    assert main(["train", "--resume", str(short), "--iterations", "2", "--quiet"]) == 2
