@@ -23,6 +23,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from metafunc.harness.config import PRESETS
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "reproduce"
 
@@ -107,10 +109,11 @@ def run_one(preset: str, iterations: int | None, runs: Path, extra: list[str]) -
 
 
 def table() -> str:
+    """One markdown row per committed result: ours at the paper's step counts vs the paper."""
     rows = [
-        "| method / setting | metric | steps | ours (± 95% CI) | paper | iterations | "
-        "hardware | wall time | command |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| preset (method, setting) | metric, inner steps | ours ± 95% CI | paper | iterations "
+        "(preset's full) | hardware | wall | command |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for preset, (metric, paper, source) in PAPER.items():
         folder = RESULTS / preset
@@ -118,18 +121,22 @@ def table() -> str:
             continue
         ev = json.loads((folder / "eval.json").read_text())
         info = json.loads((folder / "run.json").read_text())
-        key, scale = ("loss", 1.0) if metric == "MSE" else ("accuracy", 100.0)
-        for steps, value in paper.items():
-            r = ev[key].get(steps)
-            if r is None:
-                continue
-            digits = 2 if metric == "MSE" else 1
-            ours = f"{scale * r['mean']:.{digits}f} ± {scale * r['ci95']:.{digits}f}"
-            rows.append(
-                f"| {preset} | {metric} | {steps} | {ours} | {value} ({source}) | "
-                f"{info['iterations']:,} | {info['machine']} | {info['wall_seconds'] / 60:.0f} min"
-                f" | `{info['command']}` |"
-            )
+        cfg = json.loads((folder / "config.json").read_text())
+        key, scale, digits = ("loss", 1.0, 2) if metric == "MSE" else ("accuracy", 100.0, 1)
+        steps = [k for k in paper if k in ev[key]]
+        ours = " / ".join(
+            f"{scale * ev[key][k]['mean']:.{digits}f} ± {scale * ev[key][k]['ci95']:.{digits}f}"
+            for k in steps
+        )
+        theirs = " / ".join(paper[k] for k in steps)
+        full = PRESETS[preset]["iterations"]
+        hardware = info["machine"].replace("Intel(R) Xeon(R) Processor", "Xeon")
+        hardware += f", {info['torch_threads']} thread(s)"
+        rows.append(
+            f"| {preset} | {metric}, {' / '.join(steps)} | {ours} | {theirs} ({source}) | "
+            f"{cfg['iterations']:,} ({full:,}) | {hardware} | "
+            f"{info['wall_seconds'] / 60:.0f} min | `{info['command']}` |"
+        )
     return "\n".join(rows)
 
 
