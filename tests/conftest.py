@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The test models are tiny: one intra-op thread is faster than several, and immune to the
+# spin-waiting that makes OpenMP crawl when another process holds a core.
+torch.set_num_threads(int(os.environ.get("METAFUNC_TEST_THREADS", "1")))
+
 
 @pytest.fixture
 def gen() -> torch.Generator:
