@@ -334,12 +334,13 @@ def train(
     meta-parameters and optimizer state.
     """
     ctx = mdist.init_from_env()
-    results = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
-    if ctx is not None and ctx.owns_group:
-        import torch.distributed as dist
+    try:
+        return _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
+    finally:  # also on errors: a process group left alive can abort the interpreter at exit
+        if ctx is not None and ctx.owns_group:
+            import torch.distributed as dist
 
-        dist.destroy_process_group()
-    return results
+            dist.destroy_process_group()
 
 
 def _train(
