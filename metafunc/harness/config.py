@@ -32,13 +32,15 @@ class ConfigError(ValueError):
 class Config:
     """Everything a run needs. The defaults are the quick sinusoid MAML run of ``metafunc train``:
     the paper's network and settings (Finn et al. 2017, §5.1: 1-40-40-1 MLP, one inner step
-    at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 2,000 iterations, evaluated 5-shot.
+    at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 5,000 iterations, evaluated 5-shot.
 
-    ``inner_checkpoint``: gradient checkpointing across inner steps (MAML, FOMAML, Meta-SGD):
-    memory flat in ``inner_steps``, the same gradient. Algorithm-specific keys (ignored by the
-    others): ``train_ways`` (ProtoNets' training ways,
-    default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``: Reptile, iMAML, baseline),
-    ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``), ``lam`` and ``cg_steps``
+    ``threads``: torch intra-op threads (``None``: 1 for the sinusoid's tiny network, where
+    more threads only add overhead, else torch's default). ``inner_checkpoint``: gradient
+    checkpointing across inner steps (MAML, FOMAML, Meta-SGD): memory flat in ``inner_steps``,
+    the same gradient. Algorithm-specific keys (ignored by the others): ``train_ways``
+    (ProtoNets' training ways, default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``:
+    Reptile, iMAML, baseline), ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``),
+    ``lam`` and ``cg_steps``
     (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``), ``weights`` (baseline: a
     pretrained backbone file), ``batch_size`` (baseline classification: images per pretraining
     step; an iteration is one such batch). ``rotate_test``: Omniglot test classes rotated by
@@ -70,9 +72,10 @@ class Config:
     batch_size: int = 128
     rotate_test: bool = True
     meta_batch: int = 25
-    iterations: int = 2000
+    iterations: int = 5000
     outer_lr: float = 1e-3
     device: str = "cpu"
+    threads: int | None = None
     dtype: str = "float32"
     seed: int = 0
     strategy: str = "auto"

@@ -354,6 +354,7 @@ def _train(
         cfg, ckpt, sync_every = launch.open_run(cfg, run_dir, resume=resume, auto=False)
     else:
         cfg, ckpt, sync_every = launch.agree(cfg, run_dir, resume=resume)
+    set_threads(cfg)
     first, count = launch.share(cfg, rank, world)
     if cfg.strategy == "auto":  # timed on this rank's share; saved, so a resume uses the same
         fastest = resolve_strategy(cfg.replace(**{launch.batch_key(cfg): count}))
@@ -485,6 +486,13 @@ def _tensorboard(run_dir: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def set_threads(cfg: Config) -> None:
+    """``torch.set_num_threads`` for ``cfg.threads`` (``None``: 1 for the sinusoid)."""
+    threads = cfg.threads or (1 if cfg.is_regression else None)
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def load_run(run_dir: str | Path) -> tuple[Run, Any, Path]:
