@@ -639,6 +639,8 @@ def test_protonet_outer_learning_rate_halves_on_schedule():
         updates, state = opt.update({"w": torch.ones(3, dtype=torch.float64)}, state, params)
         steps.append(-float(updates["w"][0]))
     assert steps == pytest.approx([1, 1, 0.5, 0.5, 0.25, 0.25, 0.125], rel=1e-6)
+    schedule = alg.outer_schedule(1.0, 7)  # what the harness logs is what Adam applied
+    assert [float(schedule(torch.tensor(t))) for t in range(7)] == pytest.approx(steps, rel=1e-6)
     assert ProtoNet(EMBED, shots=1, halve_every=None).outer_optimizer(1.0, 7) is not None
     with pytest.raises(ValueError, match=r"ProtoNet\(halve_every\)"):
         ProtoNet(EMBED, shots=1, halve_every=0)

@@ -43,6 +43,7 @@ def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
     assert {"config.json", "metrics.jsonl", "eval.json", "ckpt-00000006.safetensors"} <= names
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6] and all("loss" in x for x in lines)
+    assert all(x["outer_lr"] == 1e-3 for x in lines)  # Adam's constant outer rate
     results = json.loads((run / "eval.json").read_text())
     assert set(results["loss"]) == {"0", "1", "10"} and results["episodes"] == 8
     assert main(["eval", str(run), "--episodes", "4"]) == 0

@@ -26,7 +26,8 @@ from metafunc._transforms import any_transform
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import STRATEGIES
 from metafunc.models.base import Model
-from metafunc.optim import GradientTransformation, adam
+from metafunc.optim import GradientTransformation, adam, schedules
+from metafunc.optim.schedules import Schedule
 
 __all__ = ["LOSSES", "Algorithm", "check_common", "evaluate_predictions", "loss_fn_of"]
 
@@ -166,3 +167,8 @@ class Algorithm:
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
         """The paper's outer optimizer: Adam at ``lr`` unless the algorithm says otherwise."""
         return adam(lr)
+
+    def outer_schedule(self, lr: float, iterations: int) -> Schedule:
+        """The outer learning rate at each iteration, as :meth:`outer_optimizer` applies it
+        (constant unless the algorithm anneals it); the harness logs it."""
+        return schedules.constant(lr)

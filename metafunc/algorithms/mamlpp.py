@@ -100,7 +100,10 @@ class MAMLPlusPlus(MAML):
 
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
         """Adam with the learning rate cosine-annealed from ``lr`` to ``min_outer_lr``."""
-        return adam(schedules.cosine_decay(lr, max(iterations, 1), alpha=self.min_outer_lr / lr))
+        return adam(self.outer_schedule(lr, iterations))
+
+    def outer_schedule(self, lr: float, iterations: int) -> schedules.Schedule:
+        return schedules.cosine_decay(lr, max(iterations, 1), alpha=self.min_outer_lr / lr)
 
     # -- one task, with the inner step index threaded through (for per-step BN) -------------
 

@@ -119,5 +119,10 @@ class ProtoNet(Algorithm):
         check_lr(f"{type(self).__name__}.outer_optimizer", "lr", lr)
         if self.halve_every is None or iterations <= self.halve_every:
             return adam(lr)
+        return adam(self.outer_schedule(lr, iterations))
+
+    def outer_schedule(self, lr: float, iterations: int) -> schedules.Schedule:
+        if self.halve_every is None or iterations <= self.halve_every:
+            return schedules.constant(lr)
         halvings = range(self.halve_every, iterations, self.halve_every)
-        return adam(schedules.piecewise_constant(lr, dict.fromkeys(halvings, 0.5)))
+        return schedules.piecewise_constant(lr, dict.fromkeys(halvings, 0.5))

@@ -127,5 +127,10 @@ class Reptile(Algorithm):
         check_lr(f"{type(self).__name__}.outer_optimizer", "lr", lr)
         if self.anneal:
             check_steps(f"{type(self).__name__}.outer_optimizer", "iterations", iterations)
-            return sgd(schedules.linear(lr, 0.0, iterations))
+            return sgd(self.outer_schedule(lr, iterations))
         return sgd(lr)
+
+    def outer_schedule(self, lr: float, iterations: int) -> schedules.Schedule:
+        if self.anneal:
+            return schedules.linear(lr, 0.0, max(iterations, 1))
+        return schedules.constant(lr)

@@ -366,6 +366,7 @@ def _train(
     alg = run.algorithm
     meta = init_meta(run, cfg.seed)
     opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
+    schedule = alg.outer_schedule(cfg.outer_lr, cfg.iterations)
     opt_state = opt.init(meta)
     data_gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
     data_gen.manual_seed(cfg.seed + 1)
@@ -440,6 +441,7 @@ def _train(
                     "step": done,
                     "time": round(elapsed, 3),
                     **{k: float(v) for k, v in metrics.items()},
+                    **_learning_rates(schedule, step, meta),
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -486,6 +488,16 @@ def _tensorboard(run_dir: Path) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _learning_rates(schedule: Any, step: int, meta: Any) -> dict[str, float]:
+    """The outer learning rate applied at ``step``, and the mean learned inner learning rate of
+    algorithms that meta-learn one (Meta-SGD, MAML++: ``meta['lr']``)."""
+    rates = {"outer_lr": float(schedule(torch.tensor(step)))}
+    if isinstance(meta, dict) and "lr" in meta:
+        leaves = mt.leaves(meta["lr"])
+        rates["inner_lr_mean"] = float(sum(x.double().mean() for x in leaves) / len(leaves))
+    return rates
 
 
 def set_threads(cfg: Config) -> None:
