@@ -24,6 +24,7 @@ from metafunc.algorithms.base import (
     check_common,
     check_lr,
     check_steps,
+    gradient,
     loss_fn_of,
     task_metrics,
 )
@@ -217,17 +218,11 @@ class Baseline(Algorithm):
     def pretrain_grad(
         self, meta_params: Any, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(grads of pretrain_loss, loss, metrics)``, by ``torch.func.grad``."""
+        """``(grads of pretrain_loss, loss, metrics)`` (see :func:`gradient`)."""
         mt.validate(
             meta_params, call="Baseline.pretrain_grad(meta_params, x, y)", name="meta_params"
         )
-
-        def objective(mp: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
-            loss, metrics = self.pretrain_loss(mp, x, y)
-            return loss, (loss.detach(), metrics)
-
-        grads, (loss, metrics) = torch.func.grad(objective, has_aux=True)(meta_params)
-        return grads, loss, metrics
+        return gradient(lambda mp: self.pretrain_loss(mp, x, y), meta_params)
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0

@@ -166,6 +166,15 @@ class EpisodeSampler:
         self._examples = int(examples)
         self._image_shape = (int(channels), int(height), int(width))
         self._counts = None if counts is None else counts.repeat(len(angles))
+        # rows of real (not zero-padded) examples, on the device, for plain batches
+        self._valid_rows = (
+            None
+            if self._counts is None
+            else (torch.arange(examples) < self._counts[:, None])
+            .flatten()
+            .nonzero()[:, 0]
+            .to(device)
+        )
         self._scale, self._shift = scale, shift
         self._accept = math.prod(1.0 - i / total for i in range(ways))
         images = images.to(device)
@@ -241,22 +250,16 @@ class EpisodeSampler:
         their class ids ``[batch_size]`` int64 (the ids of :meth:`sample_with_classes`)."""
         call = "EpisodeSampler.batch(batch_size, generator)"
         check_generator(generator, call=call)
-        device = generator.device
-        if self._counts is None:
-            valid = None
-            total = self.num_classes * self._examples
-        else:
-            slots = torch.arange(self._examples)
-            valid = (slots < self._counts[:, None]).flatten().nonzero().squeeze(1).to(device)
-            total = len(valid)
+        valid = self._valid_rows
+        total = self.num_classes * self._examples if valid is None else len(valid)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int):
             raise ValueError(f"{call}: batch_size={batch_size!r}; pass an int in [1, {total}].")
         if not 1 <= batch_size <= total:
             raise ValueError(f"{call}: batch_size={batch_size} must lie in [1, {total}].")
-        rows = torch.randperm(total, generator=generator, device=device)[:batch_size]
+        rows = torch.randperm(total, generator=generator, device=generator.device)[:batch_size]
+        rows = rows.to(self.device, non_blocking=True)
         if valid is not None:
             rows = valid[rows]
-        rows = rows.to(self.device, non_blocking=True)
         x = self._data.index_select(0, rows)
         if not self._normalised:
             x = self._normalise(x)
