@@ -1,5 +1,6 @@
 """Which ``torch.func`` transforms are active: lets a layer or a gradient pick the fastest exact
-implementation (private torch API, guarded; when it cannot be read, the safe choice is made)."""
+implementation (private torch API, guarded; when it cannot be read, as while ``torch.compile``
+traces, the safe choice is made)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ __all__ = ["any_transform", "under_grad", "under_vmap"]
 
 
 def _keys() -> list[str] | None:
+    import torch
+
+    if torch.compiler.is_compiling():  # dynamo cannot read the stack: make the safe choice
+        return None
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 

@@ -334,13 +334,21 @@ def train(
     meta-parameters and optimizer state.
     """
     ctx = mdist.init_from_env()
+    done = False
     try:
-        return _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
+        result = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
+        done = True
+        return result
     finally:  # also on errors: a process group left alive can abort the interpreter at exit
         if ctx is not None and ctx.owns_group:
+            import gc
+
             import torch.distributed as dist
 
+            if done:  # tear down together: a rank that leaves first can abort its peer's gloo
+                dist.barrier()
             dist.destroy_process_group()
+            gc.collect()  # the group's worker threads end now, not in interpreter finalisation
 
 
 def _train(

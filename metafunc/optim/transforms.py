@@ -57,7 +57,7 @@ class ScaleByLearningRateState(NamedTuple):
 
 
 def _is_tree(lr: Any) -> bool:
-    return isinstance(lr, dict | list | tuple)
+    return isinstance(lr, (dict, list, tuple))
 
 
 def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> GradientTransformation:
@@ -79,7 +79,7 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
         )
     if is_tree:
         for path, leaf in mt.flatten_with_paths(lr).items():
-            if not isinstance(leaf, torch.Tensor | numbers.Real):
+            if not isinstance(leaf, (torch.Tensor, numbers.Real)):
                 raise TypeError(
                     f"{call}: lr[{path!r}] is a {type(leaf).__qualname__}; use tensors."
                 )
