@@ -136,6 +136,8 @@ def validate(
         TypeError: a leaf that is not a tensor, a non-floating tensor, or an unknown container.
         ValueError: leaves on different devices, or an empty tree.
     """
+    if torch.compiler.is_compiling():  # checked eagerly at the compiled function's boundary
+        return
     seen_device: list[tuple[str, torch.device]] = []
 
     def walk(node: Any, path: tuple[Any, ...]) -> None:

@@ -3,7 +3,9 @@
 Registered as ``metafunc`` (the default strategy for the device: ``'auto'``), and
 ``metafunc-loop``, ``metafunc-vmap``, ``metafunc-chunked`` (chunks of 8 tasks) to time each
 task-parallel strategy on the same work, and ``metafunc-checkpoint`` (the default strategy with
-``MAML(checkpoint=True)``: memory flat in the number of inner steps).
+``MAML(checkpoint=True)``: memory flat in the number of inner steps) and ``metafunc-compile`` (the
+default strategy, the whole meta-gradient compiled by ``MAML.compiled_meta_grad``; the untimed
+warm-up iteration pays for the compilation).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ STRATEGIES = {
     "metafunc-vmap": "vmap",
     "metafunc-chunked": "chunked",
     "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps
+    "metafunc-compile": "auto",  # with torch.compile of the whole meta-gradient
 }
 
 
@@ -49,6 +52,8 @@ class MetafuncPeer:
             chunk_size=8 if variant == "metafunc-chunked" else None,
             checkpoint=variant == "metafunc-checkpoint",
         )  # fmt: skip
+        compiled = variant == "metafunc-compile"
+        self.meta_grad = self.alg.compiled_meta_grad() if compiled else self.alg.meta_grad
         self.params = {k: v.requires_grad_() for k, v in init.items()}
         self.batch = TaskBatch(
             data["support_x"], data["support_y"], data["query_x"], data["query_y"]
@@ -56,7 +61,7 @@ class MetafuncPeer:
 
     def forward_backward(self) -> Tensor:
         meta = {"params": {k: p.detach() for k, p in self.params.items()}}
-        grads, loss, _ = self.alg.meta_grad(meta, self.batch)
+        grads, loss, _ = self.meta_grad(meta, self.batch)
         for k, p in self.params.items():
             p.grad = grads["params"][k]
         return loss

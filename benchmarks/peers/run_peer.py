@@ -54,6 +54,7 @@ IMPLS: dict[str, str] = {
     "metafunc-vmap": "benchmarks.peers.impl_metafunc",
     "metafunc-chunked": "benchmarks.peers.impl_metafunc",
     "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
+    "metafunc-compile": "benchmarks.peers.impl_metafunc",
 }
 
 

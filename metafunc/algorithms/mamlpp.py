@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -28,16 +28,16 @@ def msl_weights(steps: int, iteration: int, msl_iterations: int) -> torch.Tensor
     final one grows, over ``msl_iterations`` (the reference code's epochs, counted in
     iterations); from then on only the final step counts.
     """
+    # plain Python arithmetic (no tensor -> float round trip), so torch.compile traces it
     if msl_iterations <= 0 or iteration >= msl_iterations:
-        w = torch.zeros(steps, dtype=torch.float64)
-        w[-1] = 1.0
-        return w
-    decay = 1.0 / steps / msl_iterations
-    floor = 0.03 / steps
-    w = torch.full((steps,), 1.0 / steps, dtype=torch.float64)
-    w[:-1] = torch.clamp(w[:-1] - iteration * decay, min=floor)
-    w[-1] = min(float(w[-1]) + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
-    return w
+        w = [0.0] * (steps - 1) + [1.0]
+    else:
+        decay = 1.0 / steps / msl_iterations
+        floor = 0.03 / steps
+        early = max(1.0 / steps - iteration * decay, floor)
+        last = min(1.0 / steps + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
+        w = [early] * (steps - 1) + [last]
+    return torch.tensor(w, dtype=torch.float64)
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class MAMLPlusPlus(MAML):
 
     inner_lr: float = 0.1
     inner_steps: int = 5
+    compilable: ClassVar[bool] = False
     msl_iterations: int = 5000
     first_order_iterations: int = 0
     min_outer_lr: float = 1e-5
@@ -90,7 +91,8 @@ class MAMLPlusPlus(MAML):
         }
         rest = {k: v for k, v in params.items() if not is_batch_norm(k)}
         lr = {k: torch.full((steps,), self.inner_lr, dtype=dtype, device=device) for k in rest}
-        return {"params": rest, "lr": lr, "bn": bn}
+        # no "bn" entry without batch norm: an empty subtree breaks torch.compile's tracing
+        return {"params": rest, "lr": lr, **({"bn": bn} if bn else {})}
 
     def inner_optimizer(self, meta_params: dict[str, Any]) -> GradientTransformation:
         return sgd(meta_params["lr"], per_step=True)
@@ -113,7 +115,7 @@ class MAMLPlusPlus(MAML):
     def _inner(
         self, meta_params: dict[str, Any], steps: int, first_order: bool, observe: Any
     ) -> Any:
-        bn = meta_params["bn"]
+        bn = meta_params.get("bn", {})
         if steps > self.inner_steps:
             raise ValueError(
                 f"MAMLPlusPlus.adapt_and_predict(steps): {steps} steps asked but the per-step "
@@ -153,7 +155,7 @@ class MAMLPlusPlus(MAML):
         weights = msl_weights(self.inner_steps, iteration, self.msl_iterations)
         total = (weights.to(query_losses) * query_losses).sum()
         preds = self.model.apply(
-            self._with_bn(adapted, meta_params["bn"], self.inner_steps), task.query_x
+            self._with_bn(adapted, meta_params.get("bn", {}), self.inner_steps), task.query_x
         )
         return total, task_metrics(self.loss, preds, task.query_y)
 

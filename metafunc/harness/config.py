@@ -22,6 +22,7 @@ MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
 DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs")
 STRATEGIES = ("auto", "vmap", "chunked", "loop")
 DTYPES = ("float32", "float64")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # Algorithm.compiled_meta_grad
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,8 @@ class Config:
     pretrained backbone file), ``batch_size`` (baseline classification: images per pretraining
     step; an iteration is one such batch). ``rotate_test``: Omniglot test classes rotated by
     90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's is without).
+    ``compile``: a ``torch.compile`` mode for the whole meta-gradient
+    (:meth:`~metafunc.algorithms.Algorithm.compiled_meta_grad`), or ``None`` for eager.
     """
 
     algorithm: str = "maml"
@@ -80,6 +83,7 @@ class Config:
     seed: int = 0
     strategy: str = "auto"
     chunk_size: int | None = None
+    compile: str | None = None
     eval_episodes: int = 600
     eval_batch: int = 50
     log_every: int = 50
@@ -163,6 +167,17 @@ class Config:
                 f"eval_inner_steps ({self.eval_inner_steps}) must be <= inner_steps "
                 f"({self.inner_steps})."
             )
+        if self.compile is not None:
+            choice("compile", COMPILE_MODES)
+            why = {
+                "baseline": "the baseline pretrains a classifier; there is no meta-gradient",
+                "mamlpp": "MAML++'s per-step rates index by a data-dependent step counter",
+            }.get(self.algorithm)
+            if self.inner_checkpoint:
+                why = "inner_checkpoint recomputes steps in a Python sweep"
+            if why:
+                raise ConfigError(f"config: compile={self.compile!r} is not available: {why}; "
+                                  "leave compile unset.")  # fmt: skip
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"config: device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
 

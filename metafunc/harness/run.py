@@ -49,6 +49,13 @@ class Run:
     test_tasks: Any
     device: torch.device
     dtype: torch.dtype
+    meta_grad: Any = None  # algorithm.meta_grad, or its compiled form with config.compile
+
+    def __post_init__(self) -> None:
+        if self.meta_grad is None:
+            alg = self.algorithm
+            mode = self.config.compile
+            self.meta_grad = alg.meta_grad if mode is None else alg.compiled_meta_grad(mode)
 
 
 def _device(cfg: Config) -> torch.device:
@@ -198,7 +205,7 @@ def train_step(
     batch = run.train_tasks.sample(cfg.meta_batch, generator)
     if world > 1:
         batch = mdist.split_batch(batch, rank, world)
-    grads, loss, metrics = alg.meta_grad(meta, batch, iteration=step)
+    grads, loss, metrics = run.meta_grad(meta, batch, iteration=step)
     return grads, loss, metrics, batch
 
 
