@@ -23,6 +23,7 @@ DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs"
 STRATEGIES = ("auto", "vmap", "chunked", "loop")
 DTYPES = ("float32", "float64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # Algorithm.compiled_meta_grad
+PRECISIONS = ("default", "ieee", "tf32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -48,6 +49,10 @@ class Config:
     90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's is without).
     ``compile``: a ``torch.compile`` mode for the whole meta-gradient
     (:meth:`~metafunc.algorithms.Algorithm.compiled_meta_grad`), or ``None`` for eager.
+    ``precision`` of float32 compute: ``'default'`` (torch's: on CUDA, TF32 convolutions and
+    IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
+    convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
+    and evaluation; see the README for its measured meta-gradient error).
     """
 
     algorithm: str = "maml"
@@ -84,6 +89,7 @@ class Config:
     strategy: str = "auto"
     chunk_size: int | None = None
     compile: str | None = None
+    precision: str = "default"
     eval_episodes: int = 600
     eval_batch: int = 50
     log_every: int = 50
@@ -166,6 +172,16 @@ class Config:
                 f"config: MAML++ learns a learning rate and batch norm per inner step, so "
                 f"eval_inner_steps ({self.eval_inner_steps}) must be <= inner_steps "
                 f"({self.inner_steps})."
+            )
+        choice("precision", PRECISIONS)
+        if self.precision == "tf32" and not self.device.startswith("cuda"):
+            raise ConfigError(
+                "config: precision='tf32' is a CUDA setting; on the CPU use 'default' or 'bf16'."
+            )
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise ConfigError(
+                f"config: precision='bf16' autocasts float32 compute; dtype={self.dtype!r} "
+                "would stay as it is: use dtype float32."
             )
         if self.compile is not None:
             choice("compile", COMPILE_MODES)

@@ -8,6 +8,7 @@ and rank 0 alone writes the run folder; a restarted worker group resumes from it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -55,7 +56,20 @@ class Run:
         if self.meta_grad is None:
             alg = self.algorithm
             mode = self.config.compile
-            self.meta_grad = alg.meta_grad if mode is None else alg.compiled_meta_grad(mode)
+            grad = alg.meta_grad if mode is None else alg.compiled_meta_grad(mode)
+
+            def meta_grad(meta: Any, batch: TaskBatch, *, iteration: int = 0) -> Any:
+                with self.precision():
+                    return grad(meta, batch, iteration=iteration)
+
+            self.meta_grad = meta_grad
+
+    def precision(self) -> contextlib.AbstractContextManager[Any]:
+        """The autocast context of ``config.precision`` (``'bf16'``), else a null context;
+        :func:`build` sets the TF32 flags of the other choices."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
 
 def _device(cfg: Config) -> torch.device:
@@ -173,6 +187,9 @@ def build(cfg: Config, *, strategy: str | None = None) -> Run:
         **test_kw,
         **options,
     ).test
+    if cfg.precision in ("ieee", "tf32"):
+        torch.backends.cuda.matmul.fp32_precision = cfg.precision
+        torch.backends.cudnn.conv.fp32_precision = cfg.precision  # type: ignore[attr-defined]
     alg = build_algorithm(cfg, train, strategy or cfg.strategy)
     eval_alg = alg
     if isinstance(alg, algorithms.ProtoNet):  # the test shots may differ from the training shots
@@ -200,7 +217,8 @@ def train_step(
         x, y = run.train_tasks.batch(cfg.batch_size, generator)
         if world > 1:
             x, y = mdist.split_batch((x, y), rank, world)
-        grads, loss, metrics = alg.pretrain_grad(meta, x, y)
+        with run.precision():
+            grads, loss, metrics = alg.pretrain_grad(meta, x, y)
         return grads, loss, metrics, None
     batch = run.train_tasks.sample(cfg.meta_batch, generator)
     if world > 1:
@@ -270,7 +288,8 @@ def evaluate(
     mine: list[tuple[int, dict[str, torch.Tensor]]] = []
     for i, batch in enumerate(run.test_tasks.episodes(count, seed, batch_size=cfg.eval_batch)):
         if i % world == rank:
-            metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
+            with run.precision():
+                metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
             mine.append((i, {k: v.double().cpu() for k, v in metrics.items()}))
     if world > 1:
         mine = sorted(
