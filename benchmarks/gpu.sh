@@ -18,8 +18,10 @@ $PY benchmarks/peers/driver.py --check --device cuda --settings omniglot-5w1s,om
 for order in "" "--first-order"; do
   tag=${order:+-first}
   $PY benchmarks/peers/driver.py --device cuda --settings omniglot-5w1s,omniglot-20w1s \
-    --impls plain,funcvmap,metafunc,metafunc-vmap,metafunc-chunked,learn2learn,higher,torchopt \
+    --impls plain,funcvmap,metafunc,metafunc-vmap,metafunc-compile,learn2learn,higher,torchopt \
     --warmup 3 --iters 20 $order --out "$OUT/peers-$NAME-$DAY$tag.json"
 done
+METAFUNC_DATA=${METAFUNC_DATA:-../shared/data} $PY benchmarks/bench_precision.py --device cuda \
+  --out "$OUT/bench_precision-$NAME-$DAY.json" || echo "bench_precision: no Omniglot data here"
 $PY benchmarks/bench_memory.py --device cuda --steps 1,5,10,25,50 \
   --impls metafunc,metafunc-checkpoint --iters 3 --out "$OUT/bench_memory-$NAME-$DAY.json"

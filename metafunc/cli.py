@@ -172,6 +172,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {
     "peers": "peers/driver.py",
+    "precision": "bench_precision.py",
     "memory": "bench_memory.py",
     "sampler": "bench_sampler.py",
     "reproduce": "reproduce.py",
