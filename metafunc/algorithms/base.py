@@ -134,7 +134,8 @@ class Algorithm:
 
     model: Model
     loss: str = "cross_entropy"
-    compilable: ClassVar[bool] = True  # whether compiled_meta_grad can trace meta_grad whole
+    # why compiled_meta_grad cannot trace meta_grad whole ("" where it can)
+    not_compilable: ClassVar[str] = ""
 
     def init(
         self,
@@ -196,11 +197,10 @@ class Algorithm:
         call = f"{type(self).__name__}.compiled_meta_grad(mode)"
         if mode not in COMPILE_MODES:
             raise ValueError(f"{call}: mode={mode!r} is not one of {', '.join(COMPILE_MODES)}.")
-        if not self.compilable:
+        if self.not_compilable:
             raise ValueError(
-                f"{call}: {type(self).__name__} cannot be compiled whole yet (its per-step "
-                "rates index by the inner step counter, a data-dependent int to torch.compile); "
-                "use meta_grad."
+                f"{call}: {type(self).__name__} cannot be compiled whole yet "
+                f"({self.not_compilable}); use meta_grad."
             )
         if getattr(self, "checkpoint", False):
             raise ValueError(

@@ -360,20 +360,17 @@ def train(
     meta-parameters and optimizer state.
     """
     ctx = mdist.init_from_env()
-    done = False
+    owns = ctx is not None and ctx.owns_group
     try:
         result = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
-        done = True
+        if owns:  # tear down together: a rank that leaves first can abort its peer's gloo
+            torch.distributed.barrier()
         return result
     finally:  # also on errors: a process group left alive can abort the interpreter at exit
-        if ctx is not None and ctx.owns_group:
+        if owns:
             import gc
 
-            import torch.distributed as dist
-
-            if done:  # tear down together: a rank that leaves first can abort its peer's gloo
-                dist.barrier()
-            dist.destroy_process_group()
+            torch.distributed.destroy_process_group()
             gc.collect()  # the group's worker threads end now, not in interpreter finalisation
 
 
