@@ -703,3 +703,38 @@ def test_checkpointed_memory_does_not_grow_like_the_graph(gen):
 def test_checkpoint_is_refused_where_the_inner_loop_is_custom():
     with pytest.raises(ValueError, match=r"ANIL\(checkpoint\).*leave checkpoint=False"):
         ANIL(conv4(3, hidden=4), checkpoint=True)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: MAML(
+            sine_mlp(), inner_lr=0.02, inner_steps=2, loss="mse", strategy=s, chunk_size=2
+        ),
+        lambda s: ProtoNet(conv4(None, hidden=4), shots=2, strategy=s, chunk_size=2),
+    ],
+    ids=["maml", "protonet"],
+)
+@pytest.mark.parametrize("strategy", ["loop", "chunked"])
+def test_meta_grad_by_pieces_equals_the_whole_batch(make, strategy, monkeypatch):
+    """``meta_grad`` differentiates a piece of tasks at a time (one on the loop, ``chunk_size``
+    chunked) and averages by task count: the same gradient, loss and metrics as one backward
+    through the whole meta-batch, also with a short last piece (5 tasks in pieces of 2)."""
+    alg = make(strategy)
+    gen = torch.Generator().manual_seed(3)
+    meta = tree.map(lambda x: x.double(), alg.init(gen))
+    if isinstance(alg, ProtoNet):
+        x = torch.randn(5, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
+        y = torch.arange(3).repeat_interleave(2).expand(5, -1).clone()
+        batch = TaskBatch(x, y, x.flip(1), y.flip(1))
+    else:
+        batch = sine_tasks(gen, 5, dtype=torch.float64)
+    assert alg.tasks_per_graph(5, torch.device("cpu")) == (1 if strategy == "loop" else 2)
+    grads, loss, metrics = alg.meta_grad(meta, batch)
+    monkeypatch.setattr(type(alg), "tasks_per_graph", lambda self, tasks, device: tasks)
+    whole, whole_loss, whole_metrics = alg.meta_grad(meta, batch)
+    assert float(tree.global_norm(tree.sub(grads, whole))) <= 1e-12 * float(tree.global_norm(whole))
+    assert float(loss) == pytest.approx(float(whole_loss), rel=1e-12)
+    assert metrics.keys() == whole_metrics.keys()
+    for k in metrics:
+        assert float(metrics[k]) == pytest.approx(float(whole_metrics[k]), rel=1e-12)

@@ -39,6 +39,35 @@ def test_compiled_maml_matches_the_per_task_reference_through_batch_norm(gen):
     assert 0 <= float(metrics["accuracy"]) <= 1
 
 
+def test_compiled_loop_runs_one_task_graph_for_any_meta_batch(gen):
+    """On the loop strategy the compiled graph covers one task: a meta-batch of 5 runs it five
+    times (one compile, not one per task) and averages to the per-task reference."""
+    from torch._dynamo.utils import counters
+
+    tasks, ways, shots = 5, 2, 1
+    x = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).clone()
+    q = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
+    batch = TaskBatch(x, y, q, y)
+    alg = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1, strategy="loop")
+    meta = alg.init(gen, dtype=torch.float64)
+    assert alg.tasks_per_graph(tasks, torch.device("cpu")) == 1
+    torch._dynamo.reset()
+    counters.clear()
+    grads, loss, metrics = alg.compiled_meta_grad(backend="aot_eager")(meta, batch)
+    assert counters["stats"]["unique_graphs"] == 1
+    ref = ref_meta_grad(meta, batch, 1, lr=lambda leaves, k, n: LR)
+    assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
+    _, eager_loss, eager_metrics = alg.meta_grad(meta, batch)
+    assert float(loss) == pytest.approx(float(eager_loss), rel=1e-12)
+    assert float(metrics["accuracy"]) == pytest.approx(float(eager_metrics["accuracy"]))
+    chunked = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1, strategy="chunked",
+                   chunk_size=2)  # fmt: skip
+    assert chunked.tasks_per_graph(tasks, torch.device("cpu")) == 2  # pieces of 2, 2 and 1
+    grads, _, _ = chunked.compiled_meta_grad(backend="aot_eager")(meta, batch)
+    assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -4,8 +4,8 @@ Registered as ``metafunc`` (the default strategy for the device: ``'auto'``), an
 ``metafunc-loop``, ``metafunc-vmap``, ``metafunc-chunked`` (chunks of 8 tasks) to time each
 task-parallel strategy on the same work, and ``metafunc-checkpoint`` (the default strategy with
 ``MAML(checkpoint=True)``: memory flat in the number of inner steps) and ``metafunc-compile`` (the
-default strategy, the whole meta-gradient compiled by ``MAML.compiled_meta_grad``; the untimed
-warm-up iteration pays for the compilation).
+default strategy, the meta-gradient compiled by ``MAML.compiled_meta_grad``, one task per graph
+on the CPU; the untimed warm-up iteration pays for the compilation).
 """
 
 from __future__ import annotations
