@@ -159,6 +159,16 @@ def mean_over_pieces(fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: 
     return total
 
 
+def _static(batch: TaskBatch) -> TaskBatch:
+    """Mark every dim of the batch static for ``torch.compile``: a short last piece compiles
+    its own static graph rather than turning the task axis dynamic (``iteration`` stays free to
+    become dynamic, so a changing iteration does not recompile at every step)."""
+    for field in batch:
+        for d in range(field.dim()):
+            torch._dynamo.mark_static(field, d)
+    return batch
+
+
 class Algorithm:
     """Base class: subclasses define ``init``, ``meta_loss`` and ``adapt_and_predict``."""
 
@@ -255,7 +265,7 @@ class Algorithm:
                 "other (checkpoint=False to compile)."
             )
         compiled = torch.compile(
-            self.meta_grad, backend=backend, fullgraph=True, dynamic=False,
+            self.meta_grad, backend=backend, fullgraph=True,
             mode=mode if backend == "inductor" else None,
         )  # fmt: skip
 
@@ -265,7 +275,7 @@ class Algorithm:
             mt.validate(meta_params, call=call.replace("(mode)", "()(meta_params, batch)"),
                         name="meta_params")  # fmt: skip
             return mean_over_pieces(
-                lambda piece: compiled(meta_params, piece, iteration=iteration),
+                lambda piece: compiled(meta_params, _static(piece), iteration=iteration),
                 batch,
                 self.tasks_per_graph(batch.num_tasks, mt.leaves(meta_params)[0].device),
             )
