@@ -51,6 +51,18 @@ def test_plain_and_funcvmap_agree_in_subprocesses(tmp_path: Path) -> None:
     losses = results["plain"]["meta_losses"]
     assert losses[0] != losses[1]
     assert abs(results["funcvmap"]["meta_losses"][1] - losses[1]) < 1e-10
+    assert results["plain"]["matmul_flop_per_s"] > 1e6
+    assert "flops_per_iteration" not in results["funcvmap"]  # counted once, on plain
+
+
+def test_plain_counts_the_flops_of_the_work(tmp_path: Path) -> None:
+    """The FLOP count behind achieved FLOP/s grows with the inner steps and with second order."""
+    flops = {}
+    for steps, first in ((1, True), (1, False), (2, False)):
+        spec = prepare(tiny_spec(inner_steps=steps, first_order=first), tmp_path, seed=0)
+        res = run_peer.run("plain", spec, tmp_path / f"plain-{steps}-{first}.grad.pt")
+        flops[steps, first] = res["flops_per_iteration"]
+    assert 0 < flops[1, True] < flops[1, False] < flops[2, False]
 
 
 @pytest.mark.parametrize(

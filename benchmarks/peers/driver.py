@@ -276,9 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         results = _run_all(spec, impls, workdir, args.seed, overrides)
         rtol = 1e-6 if args.dtype == "float64" else 1e-3
         agree = {r["impl"]: r for r in compare_gradients(results, args.reference, rtol=rtol)}
+        plain = results.get("plain", {})
+        flops, rate = plain.get("flops_per_iteration"), plain.get("matmul_flop_per_s")
         for impl, res in results.items():
             keep = ("status", "impl_version", "median_ms", "tasks_per_s", "peak_memory_mib")
             row = {"setting": name, "impl": impl, **{k: res.get(k) for k in keep}}
+            if flops and rate and res.get("status") == "ok":  # identical work: plain's count
+                achieved = flops / (res["median_ms"] / 1000.0)
+                row["gflop_per_s"] = round(achieved / 1e9, 2)
+                row["of_matmul"] = round(achieved / rate, 3)
             row["peak_increase_mib"] = res.get("peak_memory_increase_mib")
             row["grad_rel_err"] = agree[impl].get("grad_rel_err")
             row["grad_global_rel_err"] = agree[impl].get("grad_global_rel_err")
@@ -289,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         cols += ["worst_param", "ok"]
     else:
         cols = ["setting", "impl", "status", "median_ms", "tasks_per_s", "peak_memory_mib"]
-        cols += ["peak_increase_mib", "grad_rel_err", "grad_global_rel_err"]
+        cols += ["peak_increase_mib", "gflop_per_s", "of_matmul", "grad_rel_err"]
+        cols += ["grad_global_rel_err"]
     print(format_table(summary, [*cols, "reason"]))
     table = format_table(summary, [*cols, "reason"], markdown=True)
     ratios = [] if args.check else speedups(summary)

@@ -33,6 +33,7 @@ import traceback  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.peers.inputs import load_data  # noqa: E402
 from benchmarks.peers.model import load_init, param_names  # noqa: E402
@@ -88,6 +89,22 @@ def _resolve_impl(impl: str) -> Any:
         f"run_peer: unknown impl {impl!r}; use one of {sorted(IMPLS)} or a module path "
         "(e.g. benchmarks.peers.impl_metafunc) that defines library_version() and build()."
     )
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, sync: Any) -> float:
+    """The device's measured dense matmul rate (FLOP/s, best of 5 square matmuls) at ``dtype``
+    under the current precision settings: the yardstick for achieved FLOP/s."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(6):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
@@ -170,6 +187,12 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         memory["cuda_peak_mib"] = peak / 2**20
         memory["cuda_peak_increase_mib"] = (peak - cuda_setup) / 2**20
     median = statistics.median(times_ms) if times_ms else float("nan")
+    if impl == "plain":  # the work every impl does, counted once where no transform hides it
+        opt.zero_grad(set_to_none=True)
+        with FlopCounterMode(display=False) as counter:
+            peer.forward_backward()
+        result["flops_per_iteration"] = counter.get_total_flops()
+        result["matmul_flop_per_s"] = matmul_rate(device, dtype, sync)
     return {
         **result,
         "status": "ok",
