@@ -21,7 +21,14 @@ import torch
 from metafunc import tree as mt
 from metafunc.optim.base import GradientTransformation, apply_updates
 
-__all__ = ["STRATEGIES", "adapt", "check_strategies", "default_strategy", "task_map"]
+__all__ = [
+    "STRATEGIES",
+    "adapt",
+    "check_strategies",
+    "default_strategy",
+    "task_map",
+    "tasks_at_once",
+]
 
 Strategy = Literal["auto", "vmap", "chunked", "loop"]
 STRATEGIES: tuple[str, ...] = ("auto", "vmap", "chunked", "loop")
@@ -165,6 +172,16 @@ def default_strategy(device: torch.device | str) -> str:
     slower and 4x the memory on 2 cores; see ``benchmarks/``).
     """
     return "vmap" if torch.device(device).type == "cuda" else "loop"
+
+
+def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: torch.device) -> int:
+    """How many of ``tasks`` ``strategy`` maps at once on ``device``: one for ``'loop'``,
+    ``chunk_size`` for ``'chunked'``, all for ``'vmap'``; ``'auto'`` as :func:`default_strategy`.
+    Algorithms differentiate their meta-loss in pieces of this size."""
+    chosen = default_strategy(device) if strategy == "auto" else strategy
+    if chosen == "loop":
+        return 1
+    return min(tasks, chunk_size) if chosen == "chunked" and chunk_size else tasks
 
 
 def _task_axis_size(call: str, args: Sequence[Any], in_dims: Sequence[int | None]) -> int:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc._transforms import any_transform
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import STRATEGIES, default_strategy
+from metafunc.inner import STRATEGIES, tasks_at_once
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
@@ -145,16 +145,8 @@ def mean_over_pieces(fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: 
     total: Result | None = None
     for start in range(0, tasks, size):
         piece = TaskBatch(*(f[start : start + size] for f in batch))
-        grads, loss, metrics = fn(piece)
-        w = piece.num_tasks / tasks
-        if total is None:
-            total = (mt.scale(w, grads), w * loss, {k: w * v for k, v in metrics.items()})
-        else:
-            total = (
-                mt.axpy(w, grads, total[0]),
-                total[1] + w * loss,
-                {k: total[2][k] + w * v for k, v in metrics.items()},
-            )
+        part = mt.scale(piece.num_tasks / tasks, fn(piece))  # the whole result is one tree
+        total = part if total is None else mt.add(total, part)
     assert total is not None
     return total
 
@@ -219,12 +211,12 @@ class Algorithm:
             call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
             name="meta_params",
         )
-        return mean_over_pieces(
+        return self._by_pieces(
             lambda piece: gradient(
                 lambda mp: self.meta_loss(mp, piece, iteration=iteration), meta_params
             ),
+            meta_params,
             batch,
-            self.tasks_per_graph(batch.num_tasks, mt.leaves(meta_params)[0].device),
         )
 
     def compiled_meta_grad(
@@ -274,10 +266,10 @@ class Algorithm:
         ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
             mt.validate(meta_params, call=call.replace("(mode)", "()(meta_params, batch)"),
                         name="meta_params")  # fmt: skip
-            return mean_over_pieces(
+            return self._by_pieces(
                 lambda piece: compiled(meta_params, _static(piece), iteration=iteration),
+                meta_params,
                 batch,
-                self.tasks_per_graph(batch.num_tasks, mt.leaves(meta_params)[0].device),
             )
 
         return meta_grad
@@ -288,12 +280,14 @@ class Algorithm:
         algorithm without a ``strategy`` field). An algorithm whose meta-loss is not a mean of
         per-task terms (one that couples tasks) overrides this to return ``tasks``."""
         strategy = getattr(self, "strategy", "vmap")
-        if strategy == "auto":
-            strategy = default_strategy(device)
-        if strategy == "loop":
-            return 1
-        chunk = getattr(self, "chunk_size", None)
-        return min(tasks, chunk) if strategy == "chunked" and chunk else tasks
+        return tasks_at_once(strategy, getattr(self, "chunk_size", None), tasks, device)
+
+    def _by_pieces(
+        self, fn: Callable[[TaskBatch], Result], meta_params: Any, batch: TaskBatch
+    ) -> Result:
+        """:func:`mean_over_pieces` in pieces of :meth:`tasks_per_graph` tasks."""
+        device = mt.leaves(meta_params)[0].device
+        return mean_over_pieces(fn, batch, self.tasks_per_graph(batch.num_tasks, device))
 
     def evaluate(self, meta_params: Any, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``.
