@@ -3,6 +3,8 @@ per-task torch.autograd references in float64; sinusoid learning; bad hyper-para
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,24 @@ def test_msl_weights_anneal_to_the_last_step():
     w50 = msl_weights(5, 50, 100)
     assert w50[-1] > 0.2 > w50[0] >= 0.03 / 5 and abs(float(w50.sum()) - 1) < 1e-9
     assert msl_weights(5, 100, 100).tolist() == [0, 0, 0, 0, 1]
+
+
+def test_mamlpp_outer_rate_is_cosine_annealed_by_its_optimizer():
+    alg = MAMLPlusPlus(mlp((1, 4, 1)), min_outer_lr=1e-5)
+    lr, iterations = 1e-3, 40
+    schedule = alg.outer_schedule(lr, iterations)
+    for t in (0, 10, 20, 30, 40):
+        cosine = 1e-5 + (lr - 1e-5) * (1 + math.cos(math.pi * t / iterations)) / 2
+        assert abs(float(schedule(t)) - cosine) < 1e-12
+    # the optimizer applies that rate: Adam's first step moves each weight by about the rate
+    opt = alg.outer_optimizer(lr, iterations)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    state = opt.init(params)
+    for t in range(iterations):
+        updates, state = opt.update({"w": torch.ones(3, dtype=torch.float64)}, state, params)
+        step = float(updates["w"].abs().max())
+        assert abs(step - float(schedule(t))) < 1e-6 * float(schedule(t)), t
+        params = optim.apply_updates(params, updates)
 
 
 def test_adapt_and_predict_shapes_and_steps(gen, batch):

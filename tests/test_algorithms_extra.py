@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metafunc import TaskBatch, conv4, from_module, mlp, optim, tree
+from metafunc import TaskBatch, conv4, from_module, mlp, optim, resnet12, tree
 from metafunc.algorithms import (
     ANIL,
     IMAML,
@@ -405,6 +405,39 @@ def test_baseline_pretraining_loss_decreases(gen):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     with pytest.raises(ValueError, match="pretrain_loss"):
         alg.meta_loss(meta, class_tasks(gen, 1, 2, 1, 1, size=14, dtype=torch.float32))
+
+
+def _torchvision_resnet18_backbone():
+    torchvision = pytest.importorskip("torchvision")
+    net = torchvision.models.resnet18(num_classes=10)
+    net.fc = nn.Identity()
+    return from_module(net)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "dim"),
+    [(lambda: resnet12(None, channels=(8, 8, 16, 16)), 16), (_torchvision_resnet18_backbone, 512)],
+    ids=["resnet12", "torchvision-resnet18"],
+)
+def test_baseline_pretrains_and_finetunes_resnet_backbones(gen, backbone, dim):
+    alg = Baseline(backbone(), num_train_classes=6, feature_dim=dim, shots=1, inner_steps=3)
+    meta = alg.init(gen, dtype=torch.float64)
+    x = torch.randn(8, 3, 32, 32, generator=gen, dtype=torch.float64)
+    grads, loss, _ = alg.pretrain_grad(meta, x, torch.arange(8) % 6)
+    assert torch.isfinite(loss) and set(grads) == {"params", "classifier"}
+    assert float(tree.global_norm(grads["params"])) > 0
+    batch = class_tasks(gen, 2, 3, 1, 2, size=32)
+    batch = TaskBatch(*(t.expand(-1, -1, 3, -1, -1) if t.dim() == 5 else t for t in batch))
+    per_strategy = []
+    for strategy in ("vmap", "loop"):
+        tuned = Baseline(
+            alg.model, num_train_classes=6, feature_dim=dim, shots=1, inner_steps=3,
+            strategy=strategy,
+        )  # fmt: skip
+        per_strategy.append(tuned.adapt_and_predict(meta, batch, steps=3))
+    assert per_strategy[0].shape == (2, 4, 6, 3)
+    assert torch.allclose(per_strategy[0], per_strategy[1], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(per_strategy[0][:, 0], per_strategy[0][:, -1])  # the head trained
 
 
 def test_pretrain_batch_labels_and_determinism():

@@ -84,6 +84,7 @@ def test_every_sinusoid_algorithm_trains_through_the_harness(tmp_path, algorithm
         (["--dataset", "imagenet"], "dataset='imagenet' is not one of"),
         (["--preset", "nope"], "unknown preset"),
         (["--iterations", "0"], "iterations must be an integer >= 1"),
+        (["--iterations", "-5"], "iterations must be an integer >= 1"),
         (["--meta-batch", "0"], "meta_batch must be an integer >= 1"),
         (["--device", "cuda"], "CUDA is not available"),
         (["--dataset", "omniglot", "--data-root", "/nonexistent"], "does not exist"),
@@ -106,10 +107,12 @@ def test_config_file_errors(tmp_path, capsys):
     bad = tmp_path / "c.json"
     bad.write_text(json.dumps({"iterations": 5, "learning_rate": 0.1}))
     assert main(["train", "--config", str(bad), "--quiet"]) == 2
-    assert "unknown key(s) ['learning_rate']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['learning_rate']" in err and "Traceback" not in err
     bad.write_text(json.dumps({"iterations": "many"}))
     assert main(["train", "--config", str(bad), "--quiet"]) == 2
-    assert "iterations must be an integer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "iterations must be an integer" in err and "Traceback" not in err
     toml = tmp_path / "c.toml"
     toml.write_text(
         "iterations = 2\nmeta_batch = 2\neval_episodes = 2\neval_batch = 2\nstrategy = 'loop'\n"
@@ -142,6 +145,54 @@ def test_corrupt_and_pickled_checkpoints_are_refused(tmp_path):
         load_checkpoint(ckpt, {"meta": {}})
     assert not (tmp_path / "pwned").exists()
     assert main(["eval", str(run)]) == 2
+
+
+def test_truncated_checkpoint_on_resume_is_a_user_error(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--iterations", "9", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert ckpt.name in err and "not a readable metafunc checkpoint" in err
+    assert "Traceback" not in err
+
+
+def test_a_diverging_run_stops_naming_step_task_and_leaves(tmp_path, capsys):
+    # Adam's first steps move every weight by about outer_lr: 1e30 overflows the next forward.
+    run = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run), *QUICK, "--outer-lr", "1e30", "--checkpoint-every", "1"]
+    assert main(argv) == 3
+    err = capsys.readouterr().err
+    assert "step 1:" in err and "first diverging task in the meta-batch: 0" in err
+    assert "not finite at ['params.fc0.bias'" in err and "Traceback" not in err
+    assert [p.name for p in sorted(run.glob("ckpt-*"))] == ["ckpt-00000001.safetensors"]
+    good = load_file(str(run / "ckpt-00000001.safetensors"))
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, sig):
+    run = tmp_path / "run"
+    args = ["--iterations", "100000", "--meta-batch", "2", "--strategy", "loop", "--quiet"]
+    cmd = [sys.executable, "-m", "metafunc", "train", "--run-dir", str(run), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)  # well inside the training loop
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by signal at step" in out and f"metafunc train --resume {run}" in out
+    ckpt = latest_checkpoint(run)
+    assert ckpt is not None and not list(run.glob(".ckpt-*"))
+    step = int(out.split("stopped by signal at step ")[1].split(";")[0])
+    assert ckpt.name == f"ckpt-{step:08d}.safetensors" and 0 < step < 100000
+    assert not (run / "eval.json").exists()
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
