@@ -50,6 +50,18 @@ def test_train_writes_a_run_folder_and_eval_reads_it(tmp_path, capsys):
     assert "MSE after 10 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_the_default_run_adapts_far_below_the_unadapted_error(tmp_path, capsys):
+    # `metafunc train` with no flags (the README's first command), in a chosen folder
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "MSE after  0 steps" in out and "MSE after 10 steps" in out
+    mse = {k: v["mean"] for k, v in json.loads((run / "eval.json").read_text())["loss"].items()}
+    assert json.loads((run / "config.json").read_text())["iterations"] == 5000
+    assert mse["1"] < 0.5 * mse["0"] and mse["10"] < 0.3 * mse["0"], mse
+
+
 def test_plot_writes_curves_and_the_sinusoid_figure(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
