@@ -5,20 +5,25 @@
 its output with respect to ``params`` (by ``torch.autograd`` or ``torch.func.grad``) gives the
 second-order meta-gradient; ``first_order=True`` detaches the inner gradients.
 
-``task_map`` runs any per-task function over a leading task axis with one of three strategies:
-``'vmap'`` (``torch.func.vmap``), ``'chunked'`` (``vmap`` over chunks, bounding memory) and
-``'loop'`` (a per-task loop, stacked). All compute the same result; ``'auto'`` picks by device.
+``task_map`` runs any per-task function over a leading task axis with one of four strategies:
+``'vmap'`` (``torch.func.vmap``), ``'chunked'`` (``vmap`` over chunks, bounding memory),
+``'loop'`` (a per-task loop, stacked) and ``'threads'`` (the per-task loop with tasks run
+concurrently on CPU threads). All compute the same result; ``'auto'`` picks by device.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
 
 import optree
 import torch
 
 from metafunc import tree as mt
+from metafunc._transforms import any_transform
 from metafunc.optim.base import GradientTransformation, apply_updates
 
 __all__ = [
@@ -26,12 +31,14 @@ __all__ = [
     "adapt",
     "check_strategies",
     "default_strategy",
+    "run_tasks",
     "task_map",
+    "task_workers",
     "tasks_at_once",
 ]
 
-Strategy = Literal["auto", "vmap", "chunked", "loop"]
-STRATEGIES: tuple[str, ...] = ("auto", "vmap", "chunked", "loop")
+Strategy = Literal["auto", "vmap", "chunked", "loop", "threads"]
+STRATEGIES: tuple[str, ...] = ("auto", "vmap", "chunked", "loop", "threads")
 
 
 def _scalar(call: str, loss: Any) -> torch.Tensor:
@@ -167,21 +174,84 @@ def _device(tree: Any) -> torch.device:
 def default_strategy(device: torch.device | str) -> str:
     """The task-parallel strategy ``'auto'`` resolves to on ``device``.
 
-    On CUDA: ``'vmap'`` (one batched kernel per op across tasks). On the CPU: ``'loop'``,
-    measured faster there (a vmapped conv4 MAML step becomes grouped convolutions, about 2x
-    slower and 4x the memory on 2 cores; see ``benchmarks/``).
+    On CUDA: ``'vmap'`` (one batched kernel per op across tasks). On the CPU: ``'threads'``
+    (the per-task loop, as many tasks at a time as ``torch.get_num_threads()``, each on one
+    thread; with one thread it is ``'loop'``). Measured on 2 cores: a vmapped conv4 MAML step
+    becomes grouped convolutions, about 2x slower than the loop and 4x the memory, and running
+    two tasks at once beats one task on two intra-op threads by 1.1-1.4x (see ``benchmarks/``).
     """
-    return "vmap" if torch.device(device).type == "cuda" else "loop"
+    return "vmap" if torch.device(device).type == "cuda" else "threads"
 
 
 def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: torch.device) -> int:
-    """How many of ``tasks`` ``strategy`` maps at once on ``device``: one for ``'loop'``,
-    ``chunk_size`` for ``'chunked'``, all for ``'vmap'``; ``'auto'`` as :func:`default_strategy`.
-    Algorithms differentiate their meta-loss in pieces of this size."""
+    """How many of ``tasks`` ``strategy`` maps at once on ``device``: one for ``'loop'`` and
+    ``'threads'``, ``chunk_size`` for ``'chunked'``, all for ``'vmap'``; ``'auto'`` as
+    :func:`default_strategy`. Algorithms differentiate their meta-loss in pieces of this size
+    (under ``'threads'``, :func:`task_workers` pieces at a time)."""
     chosen = default_strategy(device) if strategy == "auto" else strategy
-    if chosen == "loop":
+    if chosen in ("loop", "threads"):
         return 1
     return min(tasks, chunk_size) if chosen == "chunked" and chunk_size else tasks
+
+
+# -- the 'threads' strategy ---------------------------------------------------------------------
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+_WORKER = threading.local()
+T = TypeVar("T")
+
+
+def _start_worker() -> None:
+    _WORKER.active = True
+    torch.set_num_threads(1)  # this thread's kernels only: the caller's setting is unchanged
+
+
+def task_workers(strategy: str, device: torch.device | str) -> int:
+    """How many tasks ``strategy`` runs at once on ``device``: ``torch.get_num_threads()`` for
+    ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; else 1.
+
+    Also 1 where the tasks could not run on other threads: on a non-CPU device; inside a
+    ``torch.func`` transform (its state belongs to the calling thread, so the tasks run in turn
+    there instead); while ``torch.compile`` traces; in a worker of this pool (no nesting)."""
+    chosen = default_strategy(device) if strategy == "auto" else strategy
+    if chosen != "threads" or torch.device(device).type != "cpu":
+        return 1
+    if getattr(_WORKER, "active", False) or any_transform():
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> list[T]:
+    """``[call() for call in calls]``, ``workers`` at a time on a pool of CPU threads (each
+    running its kernels on one thread), with the caller's grad mode and autocast state; results
+    in order, exceptions re-raised here. ``workers <= 1`` runs them in turn on this thread.
+    Random ops inside ``calls`` would draw from torch's shared generator in no fixed order."""
+    if workers <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = ThreadPoolExecutor(
+                workers, thread_name_prefix="metafunc-task", initializer=_start_worker
+            )
+            _POOLS[workers] = pool
+    grad = torch.is_grad_enabled()
+    autocast = [
+        (kind, torch.get_autocast_dtype(kind))
+        for kind in ("cpu", "cuda")
+        if torch.is_autocast_enabled(kind)
+    ]
+
+    def in_context(call: Callable[[], T]) -> T:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.set_grad_enabled(grad))
+            for kind, dtype in autocast:
+                stack.enter_context(torch.autocast(kind, dtype=dtype))
+            return call()
+
+    futures = [pool.submit(in_context, call) for call in calls]
+    return [f.result() for f in futures]
 
 
 def _task_axis_size(call: str, args: Sequence[Any], in_dims: Sequence[int | None]) -> int:
@@ -231,7 +301,8 @@ def task_map(
     ``in_dims`` says, per positional argument, ``0`` (sliced along the task axis) or ``None``
     (shared by all tasks); the default fits ``fn(meta_params, task)``. Outputs are stacked along
     a new leading axis. Strategies: ``'vmap'``, ``'chunked'`` (``vmap`` over ``chunk_size`` tasks
-    at a time), ``'loop'`` (a per-task Python loop), ``'auto'`` (:func:`default_strategy` of the
+    at a time), ``'loop'`` (a per-task Python loop), ``'threads'`` (that loop, tasks run
+    :func:`task_workers` at a time on CPU threads), ``'auto'`` (:func:`default_strategy` of the
     first mapped tensor's device). All give the same values and gradients.
     """
     call = f"task_map(fn, strategy={strategy!r})"
@@ -252,21 +323,22 @@ def task_map(
             )
         size = _task_axis_size(call, args, in_dims)
         chosen = strategy
-        if chosen == "auto":
-            mapped_leaf = next(
-                mt.leaves(a)[0] for a, d in zip(args, in_dims, strict=True) if d is not None
-            )
-            chosen = default_strategy(mapped_leaf.device)
+        device = next(
+            mt.leaves(a)[0] for a, d in zip(args, in_dims, strict=True) if d is not None
+        ).device
+        chosen = default_strategy(device) if strategy == "auto" else strategy
         if chosen in ("vmap", "chunked"):
             vm = torch.func.vmap(fn, in_dims=in_dims, randomness=randomness, chunk_size=chunk_size)
             return vm(*args)
-        outs = []
-        for i in range(size):
+
+        def one(i: int) -> Callable[[], Any]:
             task_args = [
-                a if d is None else optree.tree_map(lambda t, i=i: t[i], a)
+                a if d is None else optree.tree_map(lambda t: t[i], a)
                 for a, d in zip(args, in_dims, strict=True)
             ]
-            outs.append(fn(*task_args))
+            return lambda: fn(*task_args)
+
+        outs = run_tasks([one(i) for i in range(size)], task_workers(chosen, device))
         return optree.tree_map(lambda *ts: torch.stack(ts), *outs)
 
     return mapped

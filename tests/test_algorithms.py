@@ -86,7 +86,16 @@ def batch(gen):
     return TaskBatch(x, y, q, y)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.fixture(autouse=True)
+def _two_intra_op_threads():
+    """Two threads, so that the 'threads' strategy runs tasks concurrently on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 @pytest.mark.parametrize("cls", [MAML, FirstOrderMAML])
 def test_maml_and_first_order(gen, batch, strategy, cls):
     alg = cls(conv4(3, hidden=6), inner_lr=LR, inner_steps=3, strategy=strategy)
@@ -97,7 +106,7 @@ def test_maml_and_first_order(gen, batch, strategy, cls):
     check(alg, meta, batch, ref)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 def test_anil(gen, batch, strategy):
     alg = ANIL(conv4(3, hidden=6), inner_lr=LR, inner_steps=3, strategy=strategy)
     meta = alg.init(gen, dtype=torch.float64)
@@ -107,7 +116,7 @@ def test_anil(gen, batch, strategy):
     check(alg, meta, batch, ref)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 def test_meta_sgd(gen, batch, strategy):
     alg = MetaSGD(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy)
     meta = alg.init(gen, dtype=torch.float64)
@@ -121,7 +130,7 @@ def test_meta_sgd(gen, batch, strategy):
     check(alg, meta, batch, ref)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 @pytest.mark.parametrize("iteration", [0, 50])
 def test_maml_plus_plus_with_batch_norm(gen, batch, strategy, iteration):
     steps = 3
@@ -254,7 +263,7 @@ def test_bad_hyper_parameters():
     with pytest.raises(ValueError, match=r"MAML\(loss\)"):
         MAML(conv4(), loss="hinge")
     with pytest.raises(ValueError, match=r"MAML\(strategy\)"):
-        MAML(conv4(), strategy="threads")
+        MAML(conv4(), strategy="processes")
     with pytest.raises(ValueError, match=r"MAML\(trainable\): 'classifier' selects no leaf"):
         MAML(conv4(), trainable="classifier").init()
     with pytest.raises(ValueError, match=r"MAMLPlusPlus\(msl_iterations\)"):

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metafunc import TaskBatch, adapt, check_strategies, conv4, mlp, optim, task_map, tree
+from metafunc.algorithms import MAML
+from metafunc.inner import task_workers
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},
     "vmap": {"strategy": "vmap"},
     "chunked": {"strategy": "chunked", "chunk_size": 3},  # 4 tasks: a full and a partial chunk
     "auto": {"strategy": "auto"},
+    "threads": {"strategy": "threads"},  # under torch.func.grad: the tasks run in turn (below)
 }
 
 
@@ -331,7 +337,7 @@ def test_task_axes_of_different_sizes(gen):
 
 def test_task_map_bad_arguments(gen):
     with pytest.raises(ValueError, match="unknown strategy"):
-        task_map(lambda p, t: p, strategy="threads")
+        task_map(lambda p, t: p, strategy="processes")
     with pytest.raises(ValueError, match="'chunked' needs chunk_size"):
         task_map(lambda p, t: p, strategy="chunked")
     with pytest.raises(ValueError, match="in_dims entries must be 0 or None"):
@@ -341,3 +347,92 @@ def test_task_map_bad_arguments(gen):
         mapped(torch.zeros(3))
     with pytest.raises(ValueError, match="no task axis"):
         mapped(None, {"x": torch.zeros(())})
+
+
+# ---------------------------------------------------------------------------------------------
+# The 'threads' strategy: tasks run concurrently on CPU threads, one intra-op thread each.
+# ---------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def intra_op_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_run_tasks_concurrently_on_one_intra_op_thread_each():
+    seen = []
+    barrier = threading.Barrier(2, timeout=30)  # passes only if two tasks run at the same time
+
+    def fn(p, t):
+        barrier.wait()
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return p * t.sum()
+
+    with intra_op_threads(2):
+        assert task_workers("threads", "cpu") == 2 and task_workers("auto", "cpu") == 2
+        assert task_workers("loop", "cpu") == 1 and task_workers("threads", "meta") == 1
+        out = task_map(fn, strategy="threads")(torch.tensor(2.0), torch.arange(8.0).view(4, 2))
+        assert torch.get_num_threads() == 2  # the caller's setting is untouched
+    assert torch.equal(out, 2 * torch.tensor([1.0, 5.0, 9.0, 13.0]))  # in task order
+    assert len(seen) == 4 and all(n.startswith("metafunc-task") and k == 1 for n, k in seen)
+    with intra_op_threads(1):
+        assert task_workers("threads", "cpu") == 1  # one thread: the loop
+
+
+def test_threads_meta_grad_is_the_loop_on_one_thread_bit_for_bit(gen):
+    alg = MAML(conv4(3, hidden=8), inner_lr=0.4, inner_steps=2, strategy="threads")
+    meta = alg.init(gen)
+    batch = make_tasks(gen, tasks=5, dtype=torch.float32)
+    with intra_op_threads(1):  # each worker computes one task exactly as the loop does here
+        ref = MAML(alg.model, inner_lr=0.4, inner_steps=2, strategy="loop").meta_grad(meta, batch)
+    with intra_op_threads(2):
+        for _ in range(2):  # the same bits on every call, whichever thread finishes first
+            got = alg.meta_grad(meta, batch)
+            assert all(
+                torch.equal(a, b) for a, b in zip(tree.leaves(got), tree.leaves(ref), strict=True)
+            )
+
+
+def test_threads_carry_grad_mode_and_autocast_and_raise_errors():
+    def fn(p, t):
+        return p * t
+
+    x, ts = torch.ones(3, requires_grad=True), torch.ones(4, 3)
+    with intra_op_threads(2):
+        mapped = task_map(fn, strategy="threads")
+        assert mapped(x, ts).requires_grad
+        with torch.no_grad():
+            assert not mapped(x, ts).requires_grad
+        mm = task_map(lambda a, b: a @ b, strategy="threads")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert mm(torch.ones(3, 3), torch.ones(4, 3, 3)).dtype == torch.bfloat16
+
+        def bad(p, t):
+            raise ValueError(f"task says no to {t.tolist()}")
+
+        with pytest.raises(ValueError, match="task says no to"):
+            task_map(bad, strategy="threads")(x, ts)
+
+
+def test_threads_nest_and_defer_to_an_active_transform():
+    inner = task_map(lambda p, t: p * t, strategy="threads")
+    outer = task_map(lambda p, t: inner(p, t).sum(), strategy="threads")
+    names = []
+
+    def record(p, t):
+        names.append(threading.current_thread().name)
+        return (p * t).sum()
+
+    with intra_op_threads(2):
+        # a task that maps again runs its own tasks in turn (no deadlock on the pool)
+        assert torch.equal(outer(torch.tensor(1.0), torch.ones(4, 3, 2)), torch.full((4,), 6.0))
+        # under torch.func.grad the tasks run on the calling thread, where the transform lives
+        mapped = task_map(record, strategy="threads")
+        g = torch.func.grad(lambda p: mapped(p, torch.arange(6.0).view(3, 2)).sum())(torch.ones(2))
+    assert torch.equal(g, torch.tensor([6.0, 9.0]))
+    assert set(names) == {threading.current_thread().name}

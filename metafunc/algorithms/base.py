@@ -18,6 +18,7 @@ the strategy maps at once); no algorithm loops over single tasks in its own code
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc._transforms import any_transform
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import STRATEGIES, tasks_at_once
+from metafunc.inner import STRATEGIES, run_tasks, task_workers, tasks_at_once
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
@@ -135,17 +136,24 @@ def gradient(
 Result = tuple[Any, torch.Tensor, dict[str, torch.Tensor]]
 
 
-def mean_over_pieces(fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: int) -> Result:
+def mean_over_pieces(
+    fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: int, workers: int = 1
+) -> Result:
     """``fn(batch)`` for ``fn(batch) -> (grads, loss, metrics)`` that averages over tasks,
     computed on pieces of ``size`` tasks and averaged by task count: the same value, with one
-    piece's graph alive at a time."""
+    piece's graph alive at a time, or ``workers`` pieces at once on CPU threads
+    (:func:`metafunc.inner.run_tasks`). The pieces are summed in order, so the result does not
+    depend on which thread finished first."""
     tasks = batch.num_tasks
     if size >= tasks:
         return fn(batch)
+    pieces = [
+        TaskBatch(*(f[start : start + size] for f in batch)) for start in range(0, tasks, size)
+    ]
+    results = run_tasks([functools.partial(fn, piece) for piece in pieces], workers)
     total: Result | None = None
-    for start in range(0, tasks, size):
-        piece = TaskBatch(*(f[start : start + size] for f in batch))
-        part = mt.scale(piece.num_tasks / tasks, fn(piece))  # the whole result is one tree
+    for piece, result in zip(pieces, results, strict=True):
+        part = mt.scale(piece.num_tasks / tasks, result)  # the whole result is one tree
         total = part if total is None else mt.add(total, part)
     assert total is not None
     return total
@@ -204,7 +212,8 @@ class Algorithm:
         15% faster and a third less memory for a conv4 MAML step on the CPU). The meta-loss
         is a mean over tasks, so it is differentiated :meth:`tasks_per_graph` tasks at a time
         and averaged: on the loop strategy one task's graph is alive at a time (a sixth of the
-        memory of a whole-batch backward for conv4 5-way 1-shot at meta-batch 32, same speed).
+        memory of a whole-batch backward for conv4 5-way 1-shot at meta-batch 32, same speed);
+        on ``'threads'`` one per worker thread, the tasks' gradients computed concurrently.
         """
         mt.validate(
             meta_params,
@@ -227,11 +236,12 @@ class Algorithm:
         signature and gradients as :meth:`meta_grad` up to rounding (tested in float64).
 
         The graph covers as many tasks as the algorithm's strategy handles at once: one task for
-        ``'loop'`` (the CPU's ``'auto'``), ``chunk_size`` for ``'chunked'``, the whole meta-batch
-        for ``'vmap'`` (CUDA's ``'auto'``). A larger meta-batch is split into such pieces, each
-        run through the same compiled graph, and the results averaged by task count (every
-        algorithm's meta-loss is a mean over tasks), so compile time does not grow with the
-        meta-batch and the loop keeps one task's graph in memory at a time.
+        ``'loop'`` and ``'threads'`` (the CPU's ``'auto'``), ``chunk_size`` for ``'chunked'``, the
+        whole meta-batch for ``'vmap'`` (CUDA's ``'auto'``). A larger meta-batch is split into
+        such pieces, each run in turn through the same compiled graph (on the calling thread,
+        also under ``'threads'``), and the results averaged by task count (every algorithm's
+        meta-loss is a mean over tasks), so compile time does not grow with the meta-batch and
+        one task's graph is in memory at a time.
 
         The first call traces and compiles (seconds to a minute); a new piece shape, dtype,
         device or, for algorithms that anneal, phase of ``iteration`` compiles again.
@@ -270,24 +280,34 @@ class Algorithm:
                 lambda piece: compiled(meta_params, _static(piece), iteration=iteration),
                 meta_params,
                 batch,
+                concurrent=False,  # one compiled graph, called by one thread
             )
 
         return meta_grad
 
     def tasks_per_graph(self, tasks: int, device: torch.device) -> int:
         """How many of ``tasks`` one gradient graph covers: what the strategy maps at once (one
-        task for ``'loop'``, ``chunk_size`` for ``'chunked'``, all for ``'vmap'``, and all for an
-        algorithm without a ``strategy`` field). An algorithm whose meta-loss is not a mean of
-        per-task terms (one that couples tasks) overrides this to return ``tasks``."""
+        task for ``'loop'`` and ``'threads'``, ``chunk_size`` for ``'chunked'``, all for
+        ``'vmap'``, and all for an algorithm without a ``strategy`` field). An algorithm whose
+        meta-loss is not a mean of per-task terms (one that couples tasks) overrides this to
+        return ``tasks``."""
         strategy = getattr(self, "strategy", "vmap")
         return tasks_at_once(strategy, getattr(self, "chunk_size", None), tasks, device)
 
     def _by_pieces(
-        self, fn: Callable[[TaskBatch], Result], meta_params: Any, batch: TaskBatch
+        self,
+        fn: Callable[[TaskBatch], Result],
+        meta_params: Any,
+        batch: TaskBatch,
+        *,
+        concurrent: bool = True,
     ) -> Result:
-        """:func:`mean_over_pieces` in pieces of :meth:`tasks_per_graph` tasks."""
+        """:func:`mean_over_pieces` in pieces of :meth:`tasks_per_graph` tasks, as many at once
+        as the strategy runs (:func:`metafunc.inner.task_workers`) when ``concurrent``."""
         device = mt.leaves(meta_params)[0].device
-        return mean_over_pieces(fn, batch, self.tasks_per_graph(batch.num_tasks, device))
+        size = self.tasks_per_graph(batch.num_tasks, device)
+        workers = task_workers(getattr(self, "strategy", "vmap"), device) if concurrent else 1
+        return mean_over_pieces(fn, batch, size, workers if size < batch.num_tasks else 1)
 
     def evaluate(self, meta_params: Any, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``.

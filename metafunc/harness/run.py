@@ -323,12 +323,16 @@ def _format_results(results: dict[str, Any], regression: bool) -> str:
 
 
 def resolve_strategy(cfg: Config) -> str:
-    """``cfg.strategy``, or for ``'auto'`` the faster of ``'loop'`` and ``'vmap'`` measured on two
-    meta-gradient steps of this very configuration (after a warm-up step each)."""
+    """``cfg.strategy``, or for ``'auto'`` the fastest of ``'loop'``, ``'vmap'`` and (on a CPU
+    with more than one thread) ``'threads'``, measured on two meta-gradient steps of this very
+    configuration (after a warm-up step each)."""
     if cfg.strategy != "auto":
         return cfg.strategy
+    candidates = ["loop", "vmap"]
+    if _device(cfg).type == "cpu" and torch.get_num_threads() > 1:
+        candidates.append("threads")
     times = {}
-    for strategy in ("loop", "vmap"):
+    for strategy in candidates:
         run = build(cfg, strategy=strategy)
         gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
         gen.manual_seed(cfg.seed + 2)
