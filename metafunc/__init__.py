@@ -2,7 +2,7 @@
 
 Models are pure functions over parameter pytrees, inner loops are differentiable
 ``torch.func.grad`` loops through out-of-place optimizers, and many tasks adapt at once through
-one task-parallel switch (``vmap``, chunked ``vmap`` or a loop).
+one task-parallel switch (``vmap``, chunked ``vmap``, a loop, or the loop on CPU threads).
 """
 
 from __future__ import annotations

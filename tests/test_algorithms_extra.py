@@ -107,7 +107,7 @@ def ref_reptile_params(params, batch, lr, steps, eps, kind, b1=0.0, b2=0.999, ad
     return {k: params[k] + eps * sum(d[k] for d in deltas) / len(deltas) for k in names}
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_reptile_update_matches_sequential_reference(gen, strategy, kind):
     model = mlp((1, 8, 8, 1), activation="tanh", init="xavier")
@@ -183,7 +183,8 @@ def ref_imaml_grad(params, batch, lam, lr, steps, regu=0.0, damping=0.0):
 
 
 @pytest.mark.parametrize(
-    "strategy, regu, damping", [("loop", 0.0, 0.0), ("vmap", 0.0, 0.0), ("vmap", 1.0, 10.0)]
+    "strategy, regu, damping",
+    [("loop", 0.0, 0.0), ("threads", 0.0, 0.0), ("vmap", 0.0, 0.0), ("vmap", 1.0, 10.0)],
 )
 def test_imaml_gradient_matches_dense_implicit_solve(gen, strategy, regu, damping):
     model = mlp((1, 4, 1), activation="tanh", init="xavier")
@@ -270,7 +271,7 @@ def ref_protonet_loss(params, batch, ways):
     return total / batch.support_x.shape[0]
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
 def test_protonet_gradient_matches_per_task_reference(gen, strategy):
     alg = ProtoNet(conv4(None, hidden=8), shots=2, strategy=strategy)
     meta = alg.init(gen, dtype=torch.float64)

@@ -1,11 +1,12 @@
 """metafunc: ``metafunc.MAML`` on ``metafunc.models.conv4``, tasks mapped by ``task_map``.
 
 Registered as ``metafunc`` (the default strategy for the device: ``'auto'``), and
-``metafunc-loop``, ``metafunc-vmap``, ``metafunc-chunked`` (chunks of 8 tasks) to time each
-task-parallel strategy on the same work, and ``metafunc-checkpoint`` (the default strategy with
-``MAML(checkpoint=True)``: memory flat in the number of inner steps) and ``metafunc-compile`` (the
-default strategy, the meta-gradient compiled by ``MAML.compiled_meta_grad``, one task per graph
-on the CPU; the untimed warm-up iteration pays for the compilation).
+``metafunc-loop``, ``metafunc-threads``, ``metafunc-vmap``, ``metafunc-chunked`` (chunks of 8
+tasks) to time each task-parallel strategy on the same work, and ``metafunc-checkpoint`` (the
+default strategy with ``MAML(checkpoint=True)``: memory flat in the number of inner steps) and
+``metafunc-compile`` (the default strategy, the meta-gradient compiled by
+``MAML.compiled_meta_grad``, one task per graph on the CPU; the untimed warm-up iteration pays
+for the compilation).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from benchmarks.peers.spec import Spec
 
 DESCRIPTION = (
     "metafunc.MAML(conv4): torch.func.grad inner loop, tasks through metafunc.task_map with the "
-    "named strategy (auto = loop on CPU, vmap on CUDA); meta-gradient by torch.func.grad"
+    "named strategy (auto = threads on CPU, vmap on CUDA); meta-gradient by torch.func.grad"
 )
 STRATEGIES = {
     "metafunc": "auto",
     "metafunc-loop": "loop",
+    "metafunc-threads": "threads",
     "metafunc-vmap": "vmap",
     "metafunc-chunked": "chunked",
     "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps

@@ -52,6 +52,7 @@ IMPLS: dict[str, str] = {
     # one module, one variant per task-parallel strategy: build(..., variant=name)
     "metafunc": "benchmarks.peers.impl_metafunc",
     "metafunc-loop": "benchmarks.peers.impl_metafunc",
+    "metafunc-threads": "benchmarks.peers.impl_metafunc",
     "metafunc-vmap": "benchmarks.peers.impl_metafunc",
     "metafunc-chunked": "benchmarks.peers.impl_metafunc",
     "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
