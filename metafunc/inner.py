@@ -14,8 +14,9 @@ concurrently on CPU threads). All compute the same result; ``'auto'`` picks by d
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
@@ -202,40 +203,90 @@ _WORKER = threading.local()
 T = TypeVar("T")
 
 
-def _start_worker() -> None:
+def _forget_pools() -> None:  # a forked child inherits the pools but not their threads
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _start_worker(started: threading.Barrier) -> None:
     _WORKER.active = True
-    torch.set_num_threads(1)  # this thread's kernels only: the caller's setting is unchanged
+    torch.get_num_threads()  # torch's once-per-thread set-up first, so that it does not later
+    torch.set_num_threads(1)  # undo this: this thread's kernels run on one thread
+    started.wait()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            # start every worker now, then give torch's process-wide default (which a worker's
+            # set_num_threads also sets, for threads started later) back its value
+            caller = torch.get_num_threads()
+            started = threading.Barrier(workers + 1)
+            pool = ThreadPoolExecutor(
+                workers,
+                thread_name_prefix="metafunc-task",
+                initializer=_start_worker,
+                initargs=(started,),
+            )
+            for _ in range(workers):
+                pool.submit(int)
+            started.wait()
+            torch.set_num_threads(caller)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _state_only_this_thread_has() -> bool:
+    """Whether this thread has state the workers would not see: a ``torch.func`` transform, a
+    dispatch or function mode (``FlopCounterMode``...), the profiler, inference mode, saved-tensor
+    hooks; or whether it is a worker itself (no nesting) or ``torch.compile`` is tracing."""
+    if getattr(_WORKER, "active", False) or any_transform() or torch.is_inference_mode_enabled():
+        return True
+    try:  # private torch API; where it is missing, the safe choice
+        return bool(
+            torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._autograd._profiler_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        )
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - other torch
+        return True
 
 
 def task_workers(strategy: str, device: torch.device | str) -> int:
     """How many tasks ``strategy`` runs at once on ``device``: ``torch.get_num_threads()`` for
     ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; else 1.
 
-    Also 1 where the tasks could not run on other threads: on a non-CPU device; inside a
-    ``torch.func`` transform (its state belongs to the calling thread, so the tasks run in turn
-    there instead); while ``torch.compile`` traces; in a worker of this pool (no nesting)."""
+    Also 1 where the tasks could not run on other threads: on a non-CPU device; where this
+    thread has state that other threads would not share (a ``torch.func`` transform, so under
+    ``torch.func.grad`` the tasks run in turn on this thread; a dispatch or function mode such
+    as ``FlopCounterMode``; the profiler; inference mode; saved-tensor hooks); while
+    ``torch.compile`` traces; in a worker of the pool itself (no nesting)."""
     chosen = default_strategy(device) if strategy == "auto" else strategy
     if chosen != "threads" or torch.device(device).type != "cpu":
         return 1
-    if getattr(_WORKER, "active", False) or any_transform():
+    if _state_only_this_thread_has():
         return 1
     return max(1, torch.get_num_threads())
 
 
-def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> list[T]:
-    """``[call() for call in calls]``, ``workers`` at a time on a pool of CPU threads (each
-    running its kernels on one thread), with the caller's grad mode and autocast state; results
-    in order, exceptions re-raised here. ``workers <= 1`` runs them in turn on this thread.
-    Random ops inside ``calls`` would draw from torch's shared generator in no fixed order."""
-    if workers <= 1 or len(calls) <= 1:
-        return [call() for call in calls]
-    with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            pool = ThreadPoolExecutor(
-                workers, thread_name_prefix="metafunc-task", initializer=_start_worker
-            )
-            _POOLS[workers] = pool
+def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> Iterator[T]:
+    """The results of ``calls``, in order, computed ``workers`` at a time on a pool of CPU
+    threads (each running its kernels on one thread) with the caller's grad mode and autocast
+    state; exceptions re-raised here (the calls not yet started are then cancelled).
+    ``workers <= 1`` (or a caller with state only it has, see :func:`task_workers`) runs them in
+    turn on this thread, one at a time as the results are consumed. Random ops inside ``calls``
+    draw from torch's shared generator in no fixed order when they run concurrently."""
+    if workers <= 1 or len(calls) <= 1 or _state_only_this_thread_has():
+        for call in calls:
+            yield call()
+        return
+    pool = _pool(workers)
     grad = torch.is_grad_enabled()
     autocast = [
         (kind, torch.get_autocast_dtype(kind))
@@ -251,7 +302,12 @@ def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> list[T]:
             return call()
 
     futures = [pool.submit(in_context, call) for call in calls]
-    return [f.result() for f in futures]
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        for future in futures:
+            future.cancel()
 
 
 def _task_axis_size(call: str, args: Sequence[Any], in_dims: Sequence[int | None]) -> int:
@@ -302,8 +358,11 @@ def task_map(
     (shared by all tasks); the default fits ``fn(meta_params, task)``. Outputs are stacked along
     a new leading axis. Strategies: ``'vmap'``, ``'chunked'`` (``vmap`` over ``chunk_size`` tasks
     at a time), ``'loop'`` (a per-task Python loop), ``'threads'`` (that loop, tasks run
-    :func:`task_workers` at a time on CPU threads), ``'auto'`` (:func:`default_strategy` of the
-    first mapped tensor's device). All give the same values and gradients.
+    :func:`task_workers` at a time on CPU threads; in turn under a ``torch.func`` transform, so
+    differentiate with ``Algorithm.meta_grad``, which maps its tasks outside one, to get them
+    concurrently), ``'auto'`` (:func:`default_strategy` of the first mapped tensor's device).
+    All give the same values and gradients; random ops in ``fn`` draw in no fixed order under
+    ``'threads'`` (and need ``randomness`` under ``vmap``).
     """
     call = f"task_map(fn, strategy={strategy!r})"
     if strategy not in STRATEGIES:
@@ -322,7 +381,6 @@ def task_map(
                 f"{call}: got {len(args)} arguments but in_dims has {len(in_dims)} entries."
             )
         size = _task_axis_size(call, args, in_dims)
-        chosen = strategy
         device = next(
             mt.leaves(a)[0] for a, d in zip(args, in_dims, strict=True) if d is not None
         ).device
@@ -338,7 +396,7 @@ def task_map(
             ]
             return lambda: fn(*task_args)
 
-        outs = run_tasks([one(i) for i in range(size)], task_workers(chosen, device))
+        outs = list(run_tasks([one(i) for i in range(size)], task_workers(chosen, device)))
         return optree.tree_map(lambda *ts: torch.stack(ts), *outs)
 
     return mapped

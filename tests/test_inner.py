@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 from contextlib import contextmanager
 
@@ -9,9 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafunc import TaskBatch, adapt, check_strategies, conv4, mlp, optim, task_map, tree
+from metafunc import (
+    TaskBatch,
+    adapt,
+    check_strategies,
+    conv4,
+    from_module,
+    mlp,
+    optim,
+    task_map,
+    tree,
+)
 from metafunc.algorithms import MAML
-from metafunc.inner import task_workers
+from metafunc.inner import run_tasks, task_workers
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},
@@ -436,3 +448,71 @@ def test_threads_nest_and_defer_to_an_active_transform():
         g = torch.func.grad(lambda p: mapped(p, torch.arange(6.0).view(3, 2)).sum())(torch.ones(2))
     assert torch.equal(g, torch.tensor([6.0, 9.0]))
     assert set(names) == {threading.current_thread().name}
+
+
+def test_threads_give_from_module_models_a_module_per_thread(gen):
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 3),
+    )  # fmt: skip
+    model = from_module(net)
+    meta = {"params": model.init(gen, dtype=torch.float64)}
+    batch = make_tasks(gen, tasks=8)
+    with intra_op_threads(2):
+        got = MAML(model, inner_lr=0.4, inner_steps=2, strategy="threads").meta_grad(meta, batch)
+        ref = MAML(model, inner_lr=0.4, inner_steps=2, strategy="loop").meta_grad(meta, batch)
+    assert rel_err(got[0], ref[0]) <= 1e-12 and torch.allclose(got[1], ref[1], rtol=1e-12)
+
+
+def test_threads_run_in_turn_where_only_this_thread_has_the_state():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = []
+
+    def fn(p, t):
+        names.append(threading.current_thread().name)
+        return p @ t
+
+    here = threading.current_thread().name
+    p, ts = torch.ones(8, 8), torch.ones(4, 8, 8)
+    with intra_op_threads(2):
+        mapped = task_map(fn, strategy="threads")
+        with FlopCounterMode(display=False) as flops:
+            mapped(p, ts)
+        assert flops.get_total_flops() == 4 * 2 * 8**3  # every task counted
+        with torch.inference_mode():
+            mapped(p, ts)
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+            mapped(p, ts)
+        assert names == [here] * 12
+        mapped(p, ts)
+    assert set(names[12:]) != {here}  # and otherwise on the workers
+
+
+def test_threads_leave_the_default_for_new_threads_and_survive_a_fork():
+    seen = []
+    with intra_op_threads(2):
+        assert list(run_tasks([lambda: 1, lambda: 2, lambda: 3], 3)) == [1, 2, 3]  # a new pool
+        probe = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        probe.start()
+        probe.join()
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=_map_in_child)
+        child.start()
+        child.join(timeout=120)
+        if child.is_alive():
+            child.kill()
+    assert seen == [2]  # the workers' one thread each is not the process's default
+    assert child.exitcode == 0  # the child made its own pool instead of waiting on dead threads
+
+
+def _map_in_child():
+    out = list(run_tasks([lambda: 1, lambda: 2, lambda: 3], 3))
+    os._exit(0 if out == [1, 2, 3] else 1)
+
+
+def test_run_tasks_in_turn_computes_each_result_when_it_is_consumed():
+    done = []
+    results = run_tasks([lambda i=i: done.append(i) or i for i in range(3)], 1)
+    assert next(results) == 0 and done == [0]
+    assert list(results) == [1, 2] and done == [0, 1, 2]

@@ -150,9 +150,9 @@ def mean_over_pieces(
     pieces = [
         TaskBatch(*(f[start : start + size] for f in batch)) for start in range(0, tasks, size)
     ]
-    results = run_tasks([functools.partial(fn, piece) for piece in pieces], workers)
     total: Result | None = None
-    for piece, result in zip(pieces, results, strict=True):
+    results = run_tasks([functools.partial(fn, piece) for piece in pieces], workers)
+    for piece, result in zip(pieces, results, strict=True):  # each result dropped once added
         part = mt.scale(piece.num_tasks / tasks, result)  # the whole result is one tree
         total = part if total is None else mt.add(total, part)
     assert total is not None
@@ -307,7 +307,7 @@ class Algorithm:
         device = mt.leaves(meta_params)[0].device
         size = self.tasks_per_graph(batch.num_tasks, device)
         workers = task_workers(getattr(self, "strategy", "vmap"), device) if concurrent else 1
-        return mean_over_pieces(fn, batch, size, workers if size < batch.num_tasks else 1)
+        return mean_over_pieces(fn, batch, size, workers)
 
     def evaluate(self, meta_params: Any, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import threading
 from typing import Any, cast
 
 import torch
@@ -147,12 +148,14 @@ def from_module(module: nn.Module, *, convert_norms: bool = True, head: str | No
     """Turn ``module`` into a :class:`Model`: parameters and buffers become explicit trees.
 
     ``params`` is ``dict(module.named_parameters())``; the state is the floating-point buffers
-    (batch-norm running statistics), passed in and returned. The module is deep-copied once; its
-    own tensors are never modified. Batch norms and layer norms are replaced with metafunc's
-    exact versions (``F.batch_norm`` and ``F.layer_norm`` give wrong second-order gradients under
-    ``vmap``); instance norms are refused. Other layers are used as they are: a custom module
-    that calls ``F.batch_norm`` itself is not detected, so compare strategies with
-    :func:`metafunc.check_strategies` before trusting a new architecture under ``vmap``.
+    (batch-norm running statistics), passed in and returned. The module is deep-copied, and each
+    thread that applies the model calls its own copy of that (so tasks may run on several
+    threads at once, ``strategy='threads'``); the given module's tensors are never modified.
+    Batch norms and layer norms are replaced with metafunc's exact versions (``F.batch_norm`` and
+    ``F.layer_norm`` give wrong second-order gradients under ``vmap``); instance norms are
+    refused. Other layers are used as they are: a custom module that calls ``F.batch_norm``
+    itself is not detected, so compare strategies with :func:`metafunc.check_strategies` before
+    trusting a new architecture under ``vmap``.
 
     ``init(generator)`` re-initialises every submodule that has ``reset_parameters`` from a seed
     drawn from ``generator``; ``init()`` without a generator returns a copy of the module's current
@@ -206,14 +209,26 @@ def from_module(module: nn.Module, *, convert_norms: bool = True, head: str | No
     ) -> State:
         return {k: v.clone().to(dtype=dtype, device=device) for k, v in template_state.items()}
 
+    per_thread = threading.local()
+
+    def own_module() -> nn.Module:
+        # functional_call swaps the parameters into the module and train() sets its mode, so
+        # every thread (e.g. the 'threads' task strategy's workers) calls its own copy of `net`,
+        # which itself is only ever copied
+        mine = getattr(per_thread, "net", None)
+        if mine is None:
+            mine = per_thread.net = copy.deepcopy(net)
+        return mine
+
     def apply(params: Params, x: Any, *, state: State | None = None, training: bool = True) -> Any:
-        net.train(training)
+        mine = own_module()
+        mine.train(training)
         if state is None:
-            return functional_call(net, params, (x,))
+            return functional_call(mine, params, (x,))
         updates: dict[str, torch.Tensor] = {}
         token = _UPDATES.set(updates)
         try:
-            y = functional_call(net, (params, state), (x,))
+            y = functional_call(mine, (params, state), (x,))
         finally:
             _UPDATES.reset(token)
         return y, {k: updates.get(k, v) for k, v in state.items()}
