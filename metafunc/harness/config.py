@@ -36,17 +36,18 @@ class Config:
     the paper's network and settings (Finn et al. 2017, §5.1: 1-40-40-1 MLP, one inner step
     at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 5,000 iterations, evaluated 5-shot.
 
-    ``threads``: torch intra-op threads (``None``: 1 for the sinusoid's tiny network, where
-    more threads only add overhead, else torch's default). ``inner_checkpoint``: gradient
+    ``threads``: torch intra-op threads (``None``: 1 for the sinusoid's tiny network, where more
+    threads only add overhead, else torch's default); under ``strategy='threads'`` (the CPU's
+    ``'auto'``) this many tasks run at once, each on one thread. ``inner_checkpoint``: gradient
     checkpointing across inner steps (MAML, FOMAML, Meta-SGD): memory flat in ``inner_steps``,
     the same gradient. Algorithm-specific keys (ignored by the others): ``train_ways``
     (ProtoNets' training ways, default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``:
     Reptile, iMAML, baseline), ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``),
-    ``lam`` and ``cg_steps``
-    (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``), ``weights`` (baseline: a
-    pretrained backbone file), ``batch_size`` (baseline classification: images per pretraining
-    step; an iteration is one such batch). ``rotate_test``: Omniglot test classes rotated by
-    90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's is without).
+    ``lam`` and ``cg_steps`` (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``),
+    ``weights`` (baseline: a pretrained backbone file), ``batch_size`` (baseline classification:
+    images per pretraining step; an iteration is one such batch). ``rotate_test``: Omniglot test
+    classes rotated by 90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's
+    is without).
     ``compile``: a ``torch.compile`` mode for the whole meta-gradient
     (:meth:`~metafunc.algorithms.Algorithm.compiled_meta_grad`), or ``None`` for eager.
     ``precision`` of float32 compute: ``'default'`` (torch's: on CUDA, TF32 convolutions and
