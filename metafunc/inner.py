@@ -260,17 +260,11 @@ def _state_only_this_thread_has() -> bool:
 
 def task_workers(strategy: str, device: torch.device | str) -> int:
     """How many tasks ``strategy`` runs at once on ``device``: ``torch.get_num_threads()`` for
-    ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; else 1.
-
-    Also 1 where the tasks could not run on other threads: on a non-CPU device; where this
-    thread has state that other threads would not share (a ``torch.func`` transform, so under
-    ``torch.func.grad`` the tasks run in turn on this thread; a dispatch or function mode such
-    as ``FlopCounterMode``; the profiler; inference mode; saved-tensor hooks); while
-    ``torch.compile`` traces; in a worker of the pool itself (no nesting)."""
+    ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; 1 for the other
+    strategies and on a non-CPU device. :func:`run_tasks` still runs them in turn where the
+    calling thread has state the workers would not share."""
     chosen = default_strategy(device) if strategy == "auto" else strategy
     if chosen != "threads" or torch.device(device).type != "cpu":
-        return 1
-    if _state_only_this_thread_has():
         return 1
     return max(1, torch.get_num_threads())
 
@@ -279,9 +273,14 @@ def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> Iterator[T]:
     """The results of ``calls``, in order, computed ``workers`` at a time on a pool of CPU
     threads (each running its kernels on one thread) with the caller's grad mode and autocast
     state; exceptions re-raised here (the calls not yet started are then cancelled).
-    ``workers <= 1`` (or a caller with state only it has, see :func:`task_workers`) runs them in
-    turn on this thread, one at a time as the results are consumed. Random ops inside ``calls``
-    draw from torch's shared generator in no fixed order when they run concurrently."""
+
+    ``workers <= 1`` runs them in turn on this thread, one at a time as the results are
+    consumed; so does a calling thread with state other threads would not share: a
+    ``torch.func`` transform (so under ``torch.func.grad`` the tasks run in turn), a dispatch or
+    function mode such as ``FlopCounterMode``, the profiler, inference mode, saved-tensor hooks,
+    ``torch.compile`` tracing, or being a worker of the pool itself (no nesting). Random ops
+    inside ``calls`` draw from torch's shared generator in no fixed order when they run
+    concurrently."""
     if workers <= 1 or len(calls) <= 1 or _state_only_this_thread_has():
         for call in calls:
             yield call()
