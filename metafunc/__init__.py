@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from metafunc import models, optim, tree
+from metafunc.cpu import tune_cpu_allocator
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import STRATEGIES, adapt, check_strategies, default_strategy, task_map
 from metafunc.models import Model, conv4, from_module, mlp, resnet12
@@ -37,6 +38,7 @@ __all__ = [
     "resnet12",
     "task_map",
     "tree",
+    "tune_cpu_allocator",
 ]
 
 

@@ -208,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metafunc.harness import NumericsError
 
     args = _parser().parse_args(argv)
+    if args.command in ("train", "eval"):
+        from metafunc.cpu import tune_cpu_allocator
+
+        tune_cpu_allocator()  # process-wide; see metafunc.cpu
     try:
         if args.command == "train":
             return _train(args)

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: import siblings as benchmarks.
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
@@ -65,9 +66,11 @@ def run_impl(
     workdir: str | Path,
     *,
     timeout: float = 3600.0,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run ``impl`` on ``spec`` in a subprocess of ``python_exe``; return its result dict.
 
+    ``env`` adds environment variables for the subprocess (e.g. glibc's ``MALLOC_*``).
     The spec's init and data files must exist (see ``prepare``). The spec is written to
     ``workdir/<name>-<impl>.spec.json``, the result to ``workdir/<name>-<impl>.json``. A crash, a
     timeout or unreadable output gives ``{"status": "error" | "timeout", "reason": ...}``.
@@ -88,7 +91,14 @@ def run_impl(
     cmd += ["--out", str(out_path)]
     base = {"impl": impl, "setting": spec.name, "python": str(python_exe)}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, **(env or {})},
+        )
     except subprocess.TimeoutExpired:
         return {**base, "status": "timeout", "reason": f"no result within {timeout:.0f} s"}
     try:
@@ -217,12 +227,17 @@ def _python_for(impl: str, overrides: Mapping[str, str]) -> str:
 
 
 def _run_all(
-    spec: Spec, impls: Sequence[str], workdir: Path, seed: int, overrides: Mapping[str, str]
+    spec: Spec,
+    impls: Sequence[str],
+    workdir: Path,
+    seed: int,
+    overrides: Mapping[str, str],
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     spec = prepare(spec, workdir, seed)
     results = {}
     for impl in impls:
-        results[impl] = run_impl(_python_for(impl, overrides), impl, spec, workdir)
+        results[impl] = run_impl(_python_for(impl, overrides), impl, spec, workdir, env=env)
         print(f"  {spec.name:28s} {impl:18s} {results[impl]['status']}", flush=True)
     return results
 
@@ -245,12 +260,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--first-order", action="store_true", help="timing mode: FOMAML")
     p.add_argument("--per-task-backward", action="store_true")
+    p.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="give every process (peers too) the glibc malloc settings metafunc.tune_cpu_allocator "
+        "applies to its own, through MALLOC_* environment variables",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write summary JSON + table here")
     args = p.parse_args(argv)
     overrides = dict(item.split("=", 1) for item in args.python_for)
     impls = [s for s in args.impls.split(",") if s]
     workdir: Path = args.workdir / time.strftime("%Y%m%d-%H%M%S")
     extra = {"threads": args.threads, "per_task_backward": args.per_task_backward}
+    env = None
+    if args.same_allocator:
+        from metafunc.cpu import MALLOC_ENV
+
+        env = {k: str(v) for k, v in MALLOC_ENV.items()}
     summary: list[dict[str, Any]] = []
     failed = False
     for name in [s for s in args.settings.split(",") if s]:
@@ -259,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = setting(name, first_order=order == "first", device=args.device, **extra)
                 spec = tiny(spec)
                 spec = spec.replace(name=f"{spec.name}-{order}")
-                results = _run_all(spec, impls, workdir, args.seed, overrides)
+                results = _run_all(spec, impls, workdir, args.seed, overrides, env)
                 rows = compare_gradients(results, args.reference, rtol=1e-6)
                 failed |= any(r["ok"] is False for r in rows)
                 summary += [{"setting": spec.name, **r} for r in rows]
@@ -273,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             first_order=args.first_order,
             **extra,
         )
-        results = _run_all(spec, impls, workdir, args.seed, overrides)
+        results = _run_all(spec, impls, workdir, args.seed, overrides, env)
         rtol = 1e-6 if args.dtype == "float64" else 1e-3
         agree = {r["impl"]: r for r in compare_gradients(results, args.reference, rtol=rtol)}
         plain = results.get("plain", {})
@@ -289,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             row["grad_rel_err"] = agree[impl].get("grad_rel_err")
             row["grad_global_rel_err"] = agree[impl].get("grad_global_rel_err")
             row["reason"] = res.get("reason", "")
+            row["allocator"] = res.get("allocator")
             summary.append(row)
     if args.check:
         cols = ["setting", "impl", "status", "loss_rel_err", "grad_rel_err", "grad_global_rel_err"]
@@ -312,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
             "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
             "warmup": args.warmup, "torch": torch.__version__,
+            "allocator_env": env or "none (metafunc impls call tune_cpu_allocator themselves)",
         }  # fmt: skip
         args.out.write_text(json.dumps({**meta, "rows": summary, "speedups": ratios}, indent=2))
         args.out.with_suffix(".md").write_text(table + "\n")

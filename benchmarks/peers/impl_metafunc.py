@@ -6,7 +6,8 @@ tasks) to time each task-parallel strategy on the same work, and ``metafunc-chec
 default strategy with ``MAML(checkpoint=True)``: memory flat in the number of inner steps) and
 ``metafunc-compile`` (the default strategy, the meta-gradient compiled by
 ``MAML.compiled_meta_grad``, one task per graph on the CPU; the untimed warm-up iteration pays
-for the compilation).
+for the compilation). On the CPU every variant calls ``metafunc.tune_cpu_allocator()`` first,
+as ``metafunc train`` does.
 """
 
 from __future__ import annotations
@@ -40,9 +41,13 @@ class MetafuncPeer:
     def __init__(
         self, spec: Spec, init: dict[str, Tensor], data: dict[str, Tensor], variant: str
     ) -> None:
+        from metafunc import tune_cpu_allocator
         from metafunc.algorithms import MAML
         from metafunc.data import TaskBatch
         from metafunc.models import conv4
+
+        # As `metafunc train` does (False where glibc's MALLOC_* variables are set: they win).
+        self.allocator_tuned = tune_cpu_allocator() if spec.device == "cpu" else False
 
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,

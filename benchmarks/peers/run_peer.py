@@ -212,7 +212,16 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
+        "allocator": _allocator(peer),
     }
+
+
+def _allocator(peer: object) -> str:
+    """How this process's glibc malloc was set: by the impl, by the environment, or default."""
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    if env:
+        return "environment: " + " ".join(f"{k}={v}" for k, v in env.items())
+    return "tuned by the impl" if getattr(peer, "allocator_tuned", False) else "glibc default"
 
 
 def main(argv: list[str] | None = None) -> int:
