@@ -208,11 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metafunc.harness import NumericsError
 
     args = _parser().parse_args(argv)
-    if args.command in ("train", "eval"):
-        from metafunc.cpu import tune_cpu_allocator
-
-        tune_cpu_allocator()  # process-wide; see metafunc.cpu
     try:
+        if args.command in ("train", "eval"):
+            from metafunc.cpu import tune_cpu_allocator
+
+            tune_cpu_allocator()  # process-wide, before any thread starts; see metafunc.cpu
         if args.command == "train":
             return _train(args)
         if args.command == "plot":

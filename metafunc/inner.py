@@ -180,6 +180,8 @@ def default_strategy(device: torch.device | str) -> str:
     thread; with one thread it is ``'loop'``). Measured on 2 cores: a vmapped conv4 MAML step
     becomes grouped convolutions, about 2x slower than the loop and 4x the memory, and running
     two tasks at once beats one task on two intra-op threads by 1.1-1.4x (see ``benchmarks/``).
+    On glibc, :func:`metafunc.tune_cpu_allocator` (which ``metafunc train`` calls) saves the
+    tasks from page-faulting their buffers in again each meta-batch: 3-20% more on 2 cores.
     """
     return "vmap" if torch.device(device).type == "cuda" else "threads"
 

@@ -7,7 +7,8 @@ default strategy with ``MAML(checkpoint=True)``: memory flat in the number of in
 ``metafunc-compile`` (the default strategy, the meta-gradient compiled by
 ``MAML.compiled_meta_grad``, one task per graph on the CPU; the untimed warm-up iteration pays
 for the compilation). On the CPU every variant calls ``metafunc.tune_cpu_allocator()`` first,
-as ``metafunc train`` does.
+as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default strategy with the C
+library's allocator settings, to time what the tuning changes in the same run).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ STRATEGIES = {
     "metafunc-chunked": "chunked",
     "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps
     "metafunc-compile": "auto",  # with torch.compile of the whole meta-gradient
+    "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
 }
 
 
@@ -47,7 +49,8 @@ class MetafuncPeer:
         from metafunc.models import conv4
 
         # As `metafunc train` does (False where glibc's MALLOC_* variables are set: they win).
-        self.allocator_tuned = tune_cpu_allocator() if spec.device == "cpu" else False
+        tune = spec.device == "cpu" and variant != "metafunc-malloc-default"
+        self.allocator_tuned = tune_cpu_allocator() if tune else False
 
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,

@@ -57,6 +57,7 @@ IMPLS: dict[str, str] = {
     "metafunc-chunked": "benchmarks.peers.impl_metafunc",
     "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
     "metafunc-compile": "benchmarks.peers.impl_metafunc",
+    "metafunc-malloc-default": "benchmarks.peers.impl_metafunc",
 }
 
 
@@ -217,11 +218,17 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
 
 
 def _allocator(peer: object) -> str:
-    """How this process's glibc malloc was set: by the impl, by the environment, or default."""
-    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
+    """How this process's ``malloc`` was set: by the impl (``metafunc.tune_cpu_allocator``), by
+    glibc's environment variables, both listed, or ``C library default``."""
+    env = [
+        f"{k}={v}"
+        for k, v in sorted(os.environ.items())
+        if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"
+    ]
+    parts = ["tuned by the impl"] if getattr(peer, "allocator_tuned", False) else []
     if env:
-        return "environment: " + " ".join(f"{k}={v}" for k, v in env.items())
-    return "tuned by the impl" if getattr(peer, "allocator_tuned", False) else "glibc default"
+        parts.append("environment: " + " ".join(env))
+    return "; ".join(parts) or "C library default"
 
 
 def main(argv: list[str] | None = None) -> int:
