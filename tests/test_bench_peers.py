@@ -42,6 +42,9 @@ def test_plain_and_funcvmap_agree_in_subprocesses(tmp_path: Path) -> None:
         assert res["status"] == "ok", (impl, res.get("reason"), res.get("traceback"))
         assert len(res["times_ms"]) == 2 and res["median_ms"] > 0
         assert res["peak_memory_kind"] == "cpu_rss" and res["peak_memory_mib"] > 0
+        assert res["allocator"] == "C library default" or "environment" in res["allocator"]
+        if sys.platform == "linux":
+            assert 0.0 <= res["cpu_steal_fraction"] <= 1.0
     rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-8)}
     assert rows["funcvmap"]["ok"], rows["funcvmap"]
     grad = torch.load(results["plain"]["grad_path"], weights_only=True)

@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["gflop_per_s"] = round(achieved / 1e9, 2)
                 row["of_matmul"] = round(achieved / rate, 3)
             row["peak_increase_mib"] = res.get("peak_memory_increase_mib")
+            steal = res.get("cpu_steal_fraction")
+            row["steal"] = None if steal is None else round(steal, 3)
             row["grad_rel_err"] = agree[impl].get("grad_rel_err")
             row["grad_global_rel_err"] = agree[impl].get("grad_global_rel_err")
             row["reason"] = res.get("reason", "")
@@ -327,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cols = ["setting", "impl", "status", "median_ms", "tasks_per_s", "peak_memory_mib"]
         cols += ["peak_increase_mib", "gflop_per_s", "of_matmul", "grad_rel_err"]
-        cols += ["grad_global_rel_err"]
+        cols += ["grad_global_rel_err", "steal"]
     print(format_table(summary, [*cols, "reason"]))
     table = format_table(summary, [*cols, "reason"], markdown=True)
     ratios = [] if args.check else speedups(summary)

@@ -70,6 +70,20 @@ def _current_rss_kib() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _cpu_times() -> tuple[float, float] | None:
+    """(total, steal) CPU seconds of the whole machine so far (Linux ``/proc/stat``), or None.
+
+    Steal is time the hypervisor gave this virtual machine's CPUs to others: on a shared host it
+    is what makes the same median move between runs.
+    """
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]) / tick, (fields[7] if len(fields) > 7 else 0) / tick
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -154,6 +168,7 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         cuda_setup = torch.cuda.memory_allocated(device)
     times_ms: list[float] = []
+    cpu_before = _cpu_times()
     losses: list[float] = []
     for it in range(spec.warmup + spec.iters):
         opt.zero_grad(set_to_none=True)
@@ -177,6 +192,10 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         if it >= spec.warmup:
             times_ms.append((t1 - t0 + t3 - t2) * 1000.0)
 
+    cpu_after = _cpu_times()
+    steal = None
+    if cpu_before is not None and cpu_after is not None and cpu_after[0] > cpu_before[0]:
+        steal = (cpu_after[1] - cpu_before[1]) / (cpu_after[0] - cpu_before[0])
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     memory: dict[str, Any] = {
         "cpu_rss_setup_mib": rss_setup_kib / 1024,
@@ -214,6 +233,7 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
         "allocator": _allocator(peer),
+        "cpu_steal_fraction": steal,
     }
 
 
