@@ -218,10 +218,6 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _inherited_allocator_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
-
-
 def _python_for(impl: str, overrides: Mapping[str, str]) -> str:
     if impl in overrides:
         return overrides[impl]
@@ -345,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
             "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
             "warmup": args.warmup, "torch": torch.__version__,
-            "allocator_env": env or _inherited_allocator_env() or "none",
+            "allocator_env": env,  # --same-allocator's; rows' `allocator`: each process's
         }  # fmt: skip
         args.out.write_text(json.dumps({**meta, "rows": summary, "speedups": ratios}, indent=2))
         args.out.with_suffix(".md").write_text(table + "\n")
