@@ -264,9 +264,12 @@ def task_workers(strategy: str, device: torch.device | str) -> int:
     """How many tasks ``strategy`` runs at once on ``device``: ``torch.get_num_threads()`` for
     ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; 1 for the other
     strategies and on a non-CPU device. :func:`run_tasks` still runs them in turn where the
-    calling thread has state the workers would not share."""
+    calling thread has state the workers would not share. While ``torch.compile`` traces the
+    answer is 1: a compiled graph covers one task (or one chunk), and its pieces run in turn."""
     chosen = default_strategy(device) if strategy == "auto" else strategy
     if chosen != "threads" or torch.device(device).type != "cpu":
+        return 1
+    if torch.compiler.is_compiling():
         return 1
     return max(1, torch.get_num_threads())
 
