@@ -15,7 +15,13 @@ if str(_REPO) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(_REPO))
 
 from benchmarks.peers import run_peer  # noqa: E402
-from benchmarks.peers.driver import compare_gradients, prepare, run_impl  # noqa: E402
+from benchmarks.peers.driver import (  # noqa: E402
+    combine_rounds,
+    compare_gradients,
+    prepare,
+    run_impl,
+    speedups,
+)
 from benchmarks.peers.inputs import load_data  # noqa: E402
 from benchmarks.peers.model import load_init, param_names  # noqa: E402
 from benchmarks.peers.spec import Spec, load_spec  # noqa: E402
@@ -122,6 +128,29 @@ def test_compare_gradients_flags_a_wrong_tensor(tmp_path: Path) -> None:
     assert not rows["bad"]["ok"] and rows["bad"]["worst_param"] == "bn2.bias"
     with pytest.raises(ValueError, match="reference"):
         compare_gradients({"bad": bad}, reference_impl="plain")
+
+
+def test_rounds_combine_to_median_of_medians_and_ratio_spread() -> None:
+    def run(ms: float, mem: float = 100.0, steal: float = 0.0) -> dict:
+        return {"status": "ok", "median_ms": ms, "tasks_per_s": 32000 / ms,
+                "peak_memory_mib": mem, "cpu_steal_fraction": steal}  # fmt: skip
+
+    rounds = [
+        {"plain": run(100), "metafunc": run(80, mem=50), "torchopt": run(90)},
+        {"plain": run(130), "metafunc": run(100, mem=60), "torchopt": run(120, steal=0.2)},
+        {"plain": run(110), "metafunc": run(50, mem=55), "torchopt": {"status": "error"}},
+    ]
+    combined = combine_rounds(rounds)
+    assert combined["plain"]["median_ms"] == 110 and combined["plain"]["tasks_per_s"] == 32000 / 110
+    assert combined["plain"]["round_medians_ms"] == [100, 130, 110]
+    assert combined["metafunc"]["median_ms"] == 80 and combined["metafunc"]["peak_memory_mib"] == 60
+    assert combined["torchopt"]["status"] == "error"  # a failure in any round is reported
+    ok = combine_rounds(rounds[:2])
+    assert ok["torchopt"]["median_ms"] == 105 and ok["torchopt"]["cpu_steal_fraction"] == 0.1
+    rows = [{"setting": "s", "impl": impl, **res} for impl, res in ok.items()]
+    (mine,) = speedups(rows)
+    assert mine["fastest peer"] == "torchopt" and mine["x fastest"] == round(105 / 90, 2)
+    assert mine["x fastest by round"] == "1.12-1.20"  # 90/80 in round 1, 120/100 in round 2
 
 
 def test_inputs_are_deterministic_and_checked(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script: import siblings as benchmarks.
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping, Sequence  # noqa: E402
@@ -34,6 +35,7 @@ from benchmarks.peers.spec import SETTINGS, Spec, setting, tiny  # noqa: E402
 
 __all__ = [
     "PEER_IMPLS",
+    "combine_rounds",
     "compare_gradients",
     "format_table",
     "make_inputs",
@@ -211,6 +213,11 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 fastest = min(peers, key=lambda r: r["median_ms"])
                 row["fastest peer"] = fastest["impl"]
                 row["x fastest"] = round(fastest["median_ms"] / mine["median_ms"], 2)
+                theirs = fastest.get("round_medians_ms") or []
+                ours = mine.get("round_medians_ms") or []
+                per_round = [t / o for t, o in zip(theirs, ours, strict=True)]
+                if len(per_round) > 1:  # the same ratio within each round: its spread
+                    row["x fastest by round"] = f"{min(per_round):.2f}-{max(per_round):.2f}"
                 row["mem / fastest"] = round(
                     mine["peak_memory_mib"] / fastest["peak_memory_mib"], 2
                 )
@@ -242,6 +249,33 @@ def _run_all(
     return results
 
 
+def combine_rounds(rounds: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One result per impl from several rounds of ``_run_all``: the first round's result (its
+    gradient, which every round computes alike) with ``median_ms`` the median of the rounds'
+    medians, ``round_medians_ms`` each round's, the largest peak memory and the mean steal. An
+    impl that failed in any round keeps that round's failure."""
+    out: dict[str, dict[str, Any]] = {}
+    for impl in rounds[0]:
+        runs = [r[impl] for r in rounds]
+        bad = next((r for r in runs if r.get("status") != "ok"), None)
+        if bad is not None:
+            out[impl] = dict(bad)
+            continue
+        medians = [float(r["median_ms"]) for r in runs]
+        combined = dict(runs[0], round_medians_ms=medians)
+        combined["median_ms"] = float(statistics.median(medians))
+        combined["tasks_per_s"] = (
+            runs[0]["tasks_per_s"] * runs[0]["median_ms"] / combined["median_ms"]
+        )
+        for key in ("peak_memory_mib", "peak_memory_increase_mib"):
+            if all(r.get(key) is not None for r in runs):
+                combined[key] = max(r[key] for r in runs)
+        steals = [r["cpu_steal_fraction"] for r in runs if r.get("cpu_steal_fraction") is not None]
+        combined["cpu_steal_fraction"] = sum(steals) / len(steals) if steals else None
+        out[impl] = combined
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: ``--check`` (float64 agreement) or timing of settings; exit 1 on a mismatch."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -258,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every impl this many times, in turn (each round starts one impl later), and "
+        "report the median of the rounds' medians and the spread of the per-round ratios",
+    )
     p.add_argument("--first-order", action="store_true", help="timing mode: FOMAML")
     p.add_argument("--per-task-backward", action="store_true")
     p.add_argument(
@@ -299,7 +340,18 @@ def main(argv: list[str] | None = None) -> int:
             first_order=args.first_order,
             **extra,
         )
-        results = _run_all(spec, impls, workdir, args.seed, overrides, env)
+        rounds = [  # each round starts one impl later
+            _run_all(
+                spec,
+                impls[k % len(impls) :] + impls[: k % len(impls)],
+                workdir / f"round{k}" if args.rounds > 1 else workdir,
+                args.seed,
+                overrides,
+                env,
+            )
+            for k in range(args.rounds)
+        ]
+        results = combine_rounds([{impl: r[impl] for impl in impls} for r in rounds])
         rtol = 1e-6 if args.dtype == "float64" else 1e-3
         agree = {r["impl"]: r for r in compare_gradients(results, args.reference, rtol=rtol)}
         plain = results.get("plain", {})
@@ -318,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             row["grad_global_rel_err"] = agree[impl].get("grad_global_rel_err")
             row["reason"] = res.get("reason", "")
             row["allocator"] = res.get("allocator")
+            if res.get("round_medians_ms"):
+                row["round_medians_ms"] = [round(m, 1) for m in res["round_medians_ms"]]
             summary.append(row)
     if args.check:
         cols = ["setting", "impl", "status", "loss_rel_err", "grad_rel_err", "grad_global_rel_err"]
@@ -340,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
             "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
-            "warmup": args.warmup, "torch": torch.__version__,
+            "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
             "allocator_env": env,  # --same-allocator's; rows' `allocator`: each process's
         }  # fmt: skip
         args.out.write_text(json.dumps({**meta, "rows": summary, "speedups": ratios}, indent=2))
