@@ -279,3 +279,46 @@ def test_resume_with_more_iterations_extends_the_run_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((short / "config.json").read_text())["iterations"] == 6
     assert main(["train", "--resume", str(short), "--iterations", "2", "--quiet"]) == 2
+
+
+def test_auto_strategy_is_measured_skips_what_does_not_fit_and_is_recorded(
+    tmp_path, capsys, monkeypatch
+):
+    from metafunc.harness import run as harness_run
+
+    timed = harness_run._time_strategy
+
+    def vmap_runs_out_of_memory(cfg):
+        if cfg.strategy == "vmap":
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return timed(cfg)
+
+    monkeypatch.setattr(harness_run, "_time_strategy", vmap_runs_out_of_memory)
+    argv = ["train", "--run-dir", str(tmp_path / "run"), *QUICK[:-3], "--threads", "2"]
+    assert main(argv) == 0
+    times = json.loads((tmp_path / "run" / "strategy.json").read_text())
+    assert set(times) == {"loop", "vmap", "threads"} and times["vmap"] == "out of memory"
+    measured = {k: v for k, v in times.items() if isinstance(v, float)}
+    assert all(v > 0 for v in measured.values()) and len(measured) == 2
+    chosen = json.loads((tmp_path / "run" / "config.json").read_text())["strategy"]
+    assert chosen == min(measured, key=measured.__getitem__)  # saved: a resume uses the same
+    assert f"strategy 'auto': {chosen}, the fastest of" in capsys.readouterr().out
+
+    def nothing_fits(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(harness_run, "_time_strategy", nothing_fits)
+    assert main(["train", "--run-dir", str(tmp_path / "oom"), *QUICK[:-3]]) == 2
+    assert "found no strategy that fits in memory" in capsys.readouterr().err
+
+
+def test_auto_strategy_candidates_per_device():
+    from metafunc.harness.run import strategy_candidates
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert strategy_candidates(cpu, 1, 16) == [("loop", None), ("vmap", None)]
+    assert strategy_candidates(cpu, 4, 16)[-1] == ("threads", None)
+    assert strategy_candidates(cuda, 8, 16) == [
+        ("loop", None), ("vmap", None), ("chunked", 8), ("chunked", 4),
+    ]  # fmt: skip
+    assert strategy_candidates(cuda, 8, 3) == [("loop", None), ("vmap", None)]

@@ -220,6 +220,18 @@ def test_a_restarted_group_resumes_only_its_own_config(single):
         launch.open_run(saved.replace(meta_batch=4, inner_lr=0.5), run, resume=False, auto=True)
 
 
+def test_a_restarted_group_resumes_a_run_whose_auto_strategy_chose_chunks(tmp_path):
+    """'auto' on CUDA may resolve to ``chunked`` with a chunk size: both were chosen, not given."""
+    saved = Config(strategy="chunked", chunk_size=4, meta_batch=8)
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    (tmp_path / "ckpt-00000002.safetensors").write_bytes(b"")
+    cfg, ckpt, _ = launch.open_run(saved.replace(strategy="auto", chunk_size=None), tmp_path,
+                                   resume=False, auto=True)  # fmt: skip
+    assert cfg == saved and ckpt is not None
+    with pytest.raises(ConfigError, match=r"differs in chunk_size"):
+        launch.open_run(saved.replace(chunk_size=2), tmp_path, resume=False, auto=True)
+
+
 LIBRARY = """
 import torch
 import metafunc.distributed as mfd

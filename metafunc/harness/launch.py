@@ -47,9 +47,8 @@ def open_run(cfg: Config | None, run_dir: Path, *, resume: bool, auto: bool) -> 
         return cfg, None, None
     saved = Config.from_dict(json.loads(path.read_text()), source=str(path))
     mine, theirs = cfg.to_dict(), saved.to_dict()
-    differ = [
-        k for k in mine if mine[k] != theirs[k] and not (k == "strategy" and mine[k] == "auto")
-    ]
+    resolved = ("strategy", "chunk_size") if mine["strategy"] == "auto" else ()  # what 'auto' chose
+    differ = [k for k in mine if mine[k] != theirs[k] and k not in resolved]
     if differ:
         raise ConfigError(
             f"train: {run_dir} holds checkpoints of another configuration (it differs in "

@@ -162,7 +162,7 @@ def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.
     )  # fmt: skip
 
 
-def build(cfg: Config, *, strategy: str | None = None) -> Run:
+def build(cfg: Config) -> Run:
     """Model, algorithm and task samplers for ``cfg``."""
     device = _device(cfg)
     dtype = getattr(torch, cfg.dtype)
@@ -190,7 +190,7 @@ def build(cfg: Config, *, strategy: str | None = None) -> Run:
     if cfg.precision in ("ieee", "tf32"):
         torch.backends.cuda.matmul.fp32_precision = cfg.precision
         torch.backends.cudnn.conv.fp32_precision = cfg.precision  # type: ignore[attr-defined]
-    alg = build_algorithm(cfg, train, strategy or cfg.strategy)
+    alg = build_algorithm(cfg, train, cfg.strategy)
     eval_alg = alg
     if isinstance(alg, algorithms.ProtoNet):  # the test shots may differ from the training shots
         eval_alg = dataclasses.replace(alg, shots=cfg.eval_shots or cfg.shots)
@@ -322,31 +322,80 @@ def _format_results(results: dict[str, Any], regression: bool) -> str:
     return f"test ({results['episodes']} episodes, 95% interval):\n" + "\n".join(lines)
 
 
-def resolve_strategy(cfg: Config) -> str:
-    """``cfg.strategy``, or for ``'auto'`` the fastest of ``'loop'``, ``'vmap'`` and (on a CPU
-    with more than one thread) ``'threads'``, measured on two meta-gradient steps of this very
-    configuration (after a warm-up step each)."""
+def strategy_candidates(
+    device: torch.device, threads: int, tasks: int
+) -> list[tuple[str, int | None]]:
+    """What ``strategy='auto'`` measures, as ``(strategy, chunk_size)``: the loop and ``vmap``
+    everywhere; on a CPU with more than one thread, ``'threads'``; on CUDA, ``vmap`` over chunks
+    of a half and a quarter of the ``tasks`` (less memory than the whole meta-batch at once)."""
+    candidates: list[tuple[str, int | None]] = [("loop", None), ("vmap", None)]
+    if device.type == "cpu" and threads > 1:
+        candidates.append(("threads", None))
+    if device.type == "cuda":
+        sizes = sorted({tasks // 2, tasks // 4} - {0, 1}, reverse=True)
+        candidates += [("chunked", size) for size in sizes]
+    return candidates
+
+
+def _label(strategy: str, chunk_size: int | None) -> str:
+    return strategy if chunk_size is None else f"{strategy}:{chunk_size}"
+
+
+def _format_timings(timings: dict[str, float | str]) -> str:
+    return ", ".join(
+        f"{k} {v:.3g} s" if isinstance(v, float) else f"{k} ({v})" for k, v in timings.items()
+    )
+
+
+def _time_strategy(cfg: Config) -> float:
+    """Seconds per meta-gradient step of ``cfg`` (two steps after a warm-up step)."""
+    run = build(cfg)
+    gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
+    gen.manual_seed(cfg.seed + 2)
+    meta = init_meta(run, 0)
+    train_step(run, meta, gen, 0)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    t = time.perf_counter()
+    for step in range(2):
+        train_step(run, meta, gen, step)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return (time.perf_counter() - t) / 2
+
+
+def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
+    """``cfg`` with ``strategy='auto'`` replaced by the fastest of :func:`strategy_candidates`,
+    measured on this very configuration, and ``{candidate: seconds per step}`` (or
+    ``'out of memory'`` for a candidate that did not fit: it is skipped). A fixed strategy is
+    returned as it is, with no timings."""
     if cfg.strategy != "auto":
-        return cfg.strategy
-    candidates = ["loop", "vmap"]
-    if _device(cfg).type == "cpu" and torch.get_num_threads() > 1:
-        candidates.append("threads")
-    times = {}
-    for strategy in candidates:
-        run = build(cfg, strategy=strategy)
-        gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
-        gen.manual_seed(cfg.seed + 2)
-        meta = init_meta(run, 0)
-        train_step(run, meta, gen, 0)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        t = time.perf_counter()
-        for step in range(2):
-            train_step(run, meta, gen, step)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize(run.device)
-        times[strategy] = time.perf_counter() - t
-    return min(times, key=lambda k: times[k])
+        return cfg, {}
+    device = _device(cfg)
+    tasks = getattr(cfg, launch.batch_key(cfg))
+    times: dict[str, float | str] = {}
+    best: tuple[float, Config] | None = None
+    for strategy, size in strategy_candidates(device, torch.get_num_threads(), tasks):
+        candidate = cfg.replace(strategy=strategy, chunk_size=size or cfg.chunk_size)
+        try:
+            seconds: float | None = _time_strategy(candidate)
+        except torch.OutOfMemoryError:  # its tensors are freed once the traceback is dropped
+            seconds = None
+        if seconds is None:
+            times[_label(strategy, size)] = "out of memory"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        times[_label(strategy, size)] = round(seconds, 6)
+        if best is None or seconds < best[0]:
+            best = (seconds, candidate)
+    if best is None:
+        raise ConfigError(
+            f"train: strategy='auto' found no strategy that fits in memory ({times}); lower "
+            f"--{launch.batch_key(cfg).replace('_', '-')}, or pass --strategy chunked with a "
+            "small --chunk-size."
+        )
+    return best[1], times
 
 
 def train(
@@ -391,13 +440,21 @@ def _train(
         cfg, ckpt, sync_every = launch.agree(cfg, run_dir, resume=resume)
     set_threads(cfg)
     first, count = launch.share(cfg, rank, world)
+    timings: dict[str, float | str] = {}
     if cfg.strategy == "auto":  # timed on this rank's share; saved, so a resume uses the same
-        fastest = resolve_strategy(cfg.replace(**{launch.batch_key(cfg): count}))
-        cfg = cfg.replace(strategy=mdist.broadcast_object(fastest))
+        fastest, timings = resolve_strategy(cfg.replace(**{launch.batch_key(cfg): count}))
+        chosen = mdist.broadcast_object((fastest.strategy, fastest.chunk_size))
+        cfg = cfg.replace(strategy=chosen[0], chunk_size=chosen[1])
     run = build(cfg)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if timings:  # what 'auto' measured (seconds per step), beside the choice in config.json
+            (run_dir / "strategy.json").write_text(json.dumps(timings, indent=2) + "\n")
+            if not quiet:
+                size = cfg.chunk_size if cfg.strategy == "chunked" else None
+                print(f"strategy 'auto': {_label(cfg.strategy, size)}, the fastest of "
+                      f"{_format_timings(timings)} per step")  # fmt: skip
     alg = run.algorithm
     meta = init_meta(run, cfg.seed)
     opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
