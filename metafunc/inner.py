@@ -179,7 +179,10 @@ def default_strategy(device: torch.device | str) -> str:
     (the per-task loop, as many tasks at a time as ``torch.get_num_threads()``, each on one
     thread; with one thread it is ``'loop'``). Measured on 2 cores: a vmapped conv4 MAML step
     becomes grouped convolutions, about 2x slower than the loop and 4x the memory, and running
-    two tasks at once beats one task on two intra-op threads by 1.1-1.4x (see ``benchmarks/``).
+    two tasks at once beat one task on two intra-op threads by 1.1-1.4x on one VM, but by only
+    1.02x at 5-way 1-shot (1.31x at 20-way) on a faster one (see ``benchmarks/``). The winner
+    depends on the machine and the task size: ``metafunc train --strategy auto`` times the
+    candidates on the run's own work instead of taking this rule.
     On glibc, :func:`metafunc.tune_cpu_allocator` (which ``metafunc train`` calls) saves the
     tasks from page-faulting their buffers in again each meta-batch: 3-20% more on 2 cores.
     """

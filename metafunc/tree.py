@@ -222,7 +222,7 @@ def sub(x: PyTree, y: PyTree) -> PyTree:
 
 def scale(a: float | torch.Tensor, x: PyTree) -> PyTree:
     """``a * x`` for a scalar ``a``."""
-    return optree.tree_map(lambda t: a * t, x)
+    return optree.tree_map(lambda t: torch.mul(t, a), x)
 
 
 def axpy(a: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
