@@ -8,15 +8,18 @@ __all__ = ["any_transform", "under_grad", "under_vmap"]
 
 
 def _keys() -> list[str] | None:
+    """The names of the active transforms, innermost last (``'Grad'``, ``'Vmap'``...), or
+    ``None`` when they cannot be read. Read from torch's C++ interpreter stack: the Python
+    wrappers of ``retrieve_all_functorch_interpreters`` cost several microseconds a call, and
+    batch norms ask at every layer."""
     import torch
 
     if torch.compiler.is_compiling():  # dynamo cannot read the stack: make the safe choice
         return None
     try:
-        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-        return [str(i.key()).rsplit(".", 1)[-1] for i in retrieve_all_functorch_interpreters()]
-    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover - other torch
+        stack = torch._C._functorch.get_interpreter_stack()
+        return [] if not stack else [i.key().name for i in stack]
+    except (AttributeError, RuntimeError):  # pragma: no cover - other torch
         return None
 
 

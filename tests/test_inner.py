@@ -23,7 +23,7 @@ from metafunc import (
     tree,
 )
 from metafunc.algorithms import MAML
-from metafunc.inner import run_tasks, task_workers
+from metafunc.inner import grad_with_aux, run_tasks, task_workers
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},
@@ -516,3 +516,59 @@ def test_run_tasks_in_turn_computes_each_result_when_it_is_consumed():
     results = run_tasks([lambda i=i: done.append(i) or i for i in range(3)], 1)
     assert next(results) == 0 and done == [0]
     assert list(results) == [1, 2] and done == [0, 1, 2]
+
+
+def test_grad_with_aux_is_torch_func_grad_bit_for_bit():
+    """At the top level ``grad_with_aux`` takes ``torch.autograd.grad`` instead of
+    ``torch.func.grad``: the same gradient and aux bit for bit, differentiable to second order
+    where the leaves require grad, without a graph under ``no_grad`` or with
+    ``differentiable=False``, zeros for an unused leaf, and ``torch.func.grad`` itself under a
+    transform."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+
+    def fn(p, scale):
+        loss = (torch.tanh(x @ p["w"]) * scale).pow(2).sum() + p["b"].sin().sum()
+        return loss, {"loss": loss.detach(), "n": torch.tensor(3)}
+
+    params = {
+        "w": torch.randn(3, 2, generator=gen, dtype=torch.float64),
+        "b": torch.randn(2, generator=gen, dtype=torch.float64),
+        "unused": torch.randn(4, generator=gen, dtype=torch.float64),
+    }
+    want, want_aux = torch.func.grad(fn, has_aux=True)(params, 1.5)
+    got, aux = grad_with_aux(fn, params, 1.5)
+    assert all(torch.equal(got[k], want[k]) for k in params)
+    assert torch.equal(got["unused"], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(aux["loss"], want_aux["loss"]) and int(aux["n"]) == 3
+    assert all(g.grad_fn is None for g in got.values())  # nothing required grad
+
+    # second order: the gradient of a function of the gradient, as nested torch.func.grad gives
+    def outer(p, via):
+        g, _ = via(p)
+        return (g["w"] * g["w"]).sum() + g["b"].prod()
+
+    nested = torch.func.grad(
+        lambda p: outer(p, lambda q: torch.func.grad(fn, has_aux=True)(q, 1.5))
+    )
+    ref = nested(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    value = outer(leaves, lambda q: grad_with_aux(fn, q, 1.5))
+    second = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+    for k, s in zip(leaves, second, strict=True):
+        expected = ref[k]
+        assert torch.allclose(torch.zeros_like(expected) if s is None else s, expected, rtol=1e-12)
+    # the same call under torch.func.grad takes torch.func.grad's own path
+    assert all(
+        torch.allclose(ref[k], v, rtol=1e-12)
+        for k, v in torch.func.grad(lambda p: outer(p, lambda q: grad_with_aux(fn, q, 1.5)))(
+            params
+        ).items()
+    )
+    # no graph where nothing is differentiated from outside, or where it is not asked for
+    with torch.no_grad():
+        quiet, _ = grad_with_aux(fn, leaves, 1.5)
+    first, _ = grad_with_aux(fn, leaves, 1.5, differentiable=False)
+    for k in params:
+        assert torch.equal(quiet[k], want[k]) and torch.equal(first[k], want[k])
+        assert quiet[k].grad_fn is None and first[k].grad_fn is None
