@@ -17,8 +17,7 @@ def _keys() -> list[str] | None:
     if torch.compiler.is_compiling():  # dynamo cannot read the stack: make the safe choice
         return None
     try:
-        stack = torch._C._functorch.get_interpreter_stack()
-        return [] if not stack else [i.key().name for i in stack]
+        return [i.key().name for i in torch._C._functorch.get_interpreter_stack() or ()]
     except (AttributeError, RuntimeError):  # pragma: no cover - other torch
         return None
 
