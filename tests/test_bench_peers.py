@@ -16,6 +16,8 @@ if str(_REPO) not in sys.path:  # benchmarks/ is not an installed package
 
 from benchmarks.peers import run_peer  # noqa: E402
 from benchmarks.peers.driver import (  # noqa: E402
+    DEFAULT_IMPLS,
+    PEER_IMPLS,
     combine_rounds,
     compare_gradients,
     prepare,
@@ -100,6 +102,13 @@ def test_first_order_differs_from_second_order(tmp_path: Path) -> None:
     rows = {r["impl"]: r for r in compare_gradients(results, "second", rtol=1e-8)}
     assert rows["first"]["loss_rel_err"] < 1e-12  # same forward pass
     assert rows["first"]["grad_rel_err"] > 1e-4  # different gradient
+
+
+def test_a_run_without_impls_compares_metafunc_with_every_peer() -> None:
+    # `metafunc bench peers` with no --impls must time metafunc itself, against all the peers
+    assert DEFAULT_IMPLS[0] == "plain"
+    assert {"metafunc", "metafunc-loop"} <= set(DEFAULT_IMPLS)
+    assert set(PEER_IMPLS) <= set(DEFAULT_IMPLS) <= set(run_peer.IMPLS)
 
 
 @pytest.mark.parametrize("library", ["learn2learn", "higher", "torchopt"])

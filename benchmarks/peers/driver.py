@@ -34,6 +34,7 @@ from benchmarks.peers.inputs import make_inputs  # noqa: E402
 from benchmarks.peers.spec import SETTINGS, Spec, setting, tiny  # noqa: E402
 
 __all__ = [
+    "DEFAULT_IMPLS",
     "PEER_IMPLS",
     "combine_rounds",
     "compare_gradients",
@@ -46,8 +47,11 @@ __all__ = [
 
 RUN_PEER = Path(__file__).resolve().parent / "run_peer.py"
 PEERS_PYTHON = _REPO / ".peers-venv" / "bin" / "python"
-#: The impls a full run compares, reference first.
+#: The peers (every impl not named ``metafunc*``), reference first.
 PEER_IMPLS = ("plain", "funcvmap", "learn2learn", "higher", "torchopt", "torchopt-metasgd")
+#: What a run compares unless ``--impls`` says otherwise: the reference, metafunc's default and
+#: its per-task loop, then every peer.
+DEFAULT_IMPLS = ("plain", "metafunc", "metafunc-loop", *PEER_IMPLS[1:])
 
 
 def prepare(spec: Spec, workdir: str | Path, seed: int = 0) -> Spec:
@@ -281,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="tiny float64 agreement check")
     p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated names")
-    p.add_argument("--impls", default=",".join(PEER_IMPLS), help="comma-separated, reference first")
+    p.add_argument(
+        "--impls", default=",".join(DEFAULT_IMPLS), help="comma-separated, reference first"
+    )
     p.add_argument("--reference", default="plain")
     p.add_argument("--orders", default="second,first", help="check mode: second,first or one")
     p.add_argument("--python-for", action="append", default=[], metavar="IMPL=PY")
