@@ -34,6 +34,7 @@ __all__ = [
     "default_strategy",
     "grad_with_aux",
     "run_tasks",
+    "strategy_candidates",
     "task_map",
     "task_workers",
     "tasks_at_once",
@@ -212,12 +213,30 @@ def default_strategy(device: torch.device | str) -> str:
     becomes grouped convolutions, about 2x slower than the loop and 4x the memory, and running
     two tasks at once beat one task on two intra-op threads by 1.1-1.4x on one VM, but by only
     1.02x at 5-way 1-shot (1.31x at 20-way) on a faster one (see ``benchmarks/``). The winner
-    depends on the machine and the task size: ``metafunc train --strategy auto`` times the
-    candidates on the run's own work instead of taking this rule.
+    depends on the machine and the task size: :func:`metafunc.algorithms.tune_strategy` (which
+    ``metafunc train --strategy auto`` calls) times the candidates on your own work instead of
+    taking this rule.
     On glibc, :func:`metafunc.tune_cpu_allocator` (which ``metafunc train`` calls) saves the
     tasks from page-faulting their buffers in again each meta-batch: 3-20% more on 2 cores.
     """
     return "vmap" if torch.device(device).type == "cuda" else "threads"
+
+
+def strategy_candidates(
+    device: torch.device | str, threads: int, tasks: int
+) -> list[tuple[str, int | None]]:
+    """What is worth timing for ``tasks`` tasks on ``device`` with ``threads`` intra-op threads,
+    as ``(strategy, chunk_size)``: the loop and ``vmap`` everywhere; on a CPU with more than one
+    thread, ``'threads'``; on CUDA, ``vmap`` over chunks of a half and a quarter of the tasks
+    (less memory than all at once). :func:`metafunc.algorithms.tune_strategy` times these."""
+    device = torch.device(device)
+    candidates: list[tuple[str, int | None]] = [("loop", None), ("vmap", None)]
+    if device.type == "cpu" and threads > 1:
+        candidates.append(("threads", None))
+    if device.type == "cuda":
+        sizes = sorted({tasks // 2, tasks // 4} - {0, 1}, reverse=True)
+        candidates += [("chunked", size) for size in sizes]
+    return candidates
 
 
 def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: torch.device) -> int:

@@ -3,7 +3,9 @@ per-task torch.autograd references in float64; sinusoid learning; bad hyper-para
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 
 import pytest
 import torch
@@ -270,3 +272,82 @@ def test_bad_hyper_parameters():
         MAMLPlusPlus(conv4(), msl_iterations=-1)
     with pytest.raises(ValueError, match=r"ANIL\(model\)"):
         ANIL(conv4(None))
+
+
+def test_tune_strategy_picks_the_fastest_candidate_and_records_each(gen, batch):
+    from metafunc.algorithms import tune_strategy
+
+    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy="auto")
+    meta = alg.init(gen, dtype=torch.float64)
+    seen: list[tuple[str, int | None]] = []
+
+    def step(candidate, meta, work):  # the loop is made slow, chunks of 2 slower still
+        seen.append((candidate.strategy, candidate.chunk_size))
+        if candidate.strategy == "loop":
+            time.sleep(0.05)
+        if candidate.strategy == "chunked":
+            time.sleep(0.1)
+        return candidate.meta_grad(meta, work)
+
+    candidates = [("loop", None), ("chunked", 2), ("vmap", None)]
+    fastest, times = tune_strategy(alg, meta, batch, candidates=candidates, repeats=3, step=step)
+    assert list(times) == ["loop", "chunked:2", "vmap"]
+    assert fastest.strategy == "vmap" and fastest == dataclasses.replace(alg, strategy="vmap")
+    assert times["vmap"] < 0.05 <= times["loop"] < 0.1 <= times["chunked:2"]
+    assert seen == [c for c in candidates for _ in range(4)]  # a warm-up, then 3 timed calls
+    # a strategy changes the schedule, not the result
+    ref = ref_meta_grad(meta, batch, 2, lr=lambda leaves, k, n: LR)
+    check(fastest, meta, batch, ref)
+
+    # the default work is the candidate's meta_grad; the default candidates those of the device
+    fastest, times = tune_strategy(alg, meta, batch, repeats=1)
+    assert list(times) == ["loop", "vmap", "threads"]  # two intra-op threads here
+    assert fastest.strategy == min(times, key=times.__getitem__)
+
+
+def test_tune_strategy_skips_what_does_not_fit_and_says_when_nothing_does(gen, batch):
+    from metafunc.algorithms import tune_strategy
+
+    alg = FirstOrderMAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=1, chunk_size=3)
+    meta = alg.init(gen, dtype=torch.float64)
+
+    def vmap_does_not_fit(candidate, meta, work):
+        if candidate.strategy == "vmap":
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return candidate.meta_grad(meta, work)
+
+    fastest, times = tune_strategy(
+        alg, meta, batch, candidates=[("vmap", None), ("loop", None)], step=vmap_does_not_fit
+    )
+    assert times["vmap"] == "out of memory" and isinstance(times["loop"], float)
+    assert fastest.strategy == "loop" and fastest.chunk_size == 3  # the rest is kept
+
+    def nothing_fits(candidate, meta, work):
+        raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError, match="no candidate fits in memory.*chunked"):
+        tune_strategy(alg, meta, batch, step=nothing_fits)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"candidates": [("auto", None)]}, ValueError, "candidate strategy 'auto' is not one of"),
+        (
+            {"candidates": [("chunked", None)]},
+            ValueError,
+            r"candidate \('chunked', None\) needs a chunk size >= 1",
+        ),
+        ({"candidates": []}, ValueError, "candidates is empty"),
+        ({"repeats": 0}, ValueError, "repeats must be an int >= 1"),
+    ],
+)
+def test_tune_strategy_rejects_bad_arguments(gen, batch, kwargs, error, message):
+    from metafunc.algorithms import tune_strategy
+
+    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=1)
+    meta = alg.init(gen, dtype=torch.float64)
+    with pytest.raises(error, match=r"tune_strategy\(algorithm, meta_params, batch\): " + message):
+        tune_strategy(alg, meta, batch, **kwargs)
+    with pytest.raises(TypeError, match="algorithm is a str, which has no strategy"):
+        tune_strategy("maml", meta, batch)  # type: ignore[type-var]

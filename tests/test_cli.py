@@ -284,16 +284,16 @@ def test_resume_with_more_iterations_extends_the_run_exactly(tmp_path):
 def test_auto_strategy_is_measured_skips_what_does_not_fit_and_is_recorded(
     tmp_path, capsys, monkeypatch
 ):
-    from metafunc.harness import run as harness_run
+    from metafunc.algorithms import MAML
 
-    timed = harness_run._time_strategy
+    timed = MAML.meta_grad
 
-    def vmap_runs_out_of_memory(cfg):
-        if cfg.strategy == "vmap":
+    def vmap_runs_out_of_memory(self, *args, **kwargs):
+        if self.strategy == "vmap":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return timed(cfg)
+        return timed(self, *args, **kwargs)
 
-    monkeypatch.setattr(harness_run, "_time_strategy", vmap_runs_out_of_memory)
+    monkeypatch.setattr(MAML, "meta_grad", vmap_runs_out_of_memory)
     argv = ["train", "--run-dir", str(tmp_path / "run"), *QUICK[:-3], "--threads", "2"]
     assert main(argv) == 0
     times = json.loads((tmp_path / "run" / "strategy.json").read_text())
@@ -304,16 +304,16 @@ def test_auto_strategy_is_measured_skips_what_does_not_fit_and_is_recorded(
     assert chosen == min(measured, key=measured.__getitem__)  # saved: a resume uses the same
     assert f"strategy 'auto': {chosen}, the fastest of" in capsys.readouterr().out
 
-    def nothing_fits(cfg):
+    def nothing_fits(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(harness_run, "_time_strategy", nothing_fits)
+    monkeypatch.setattr(MAML, "meta_grad", nothing_fits)
     assert main(["train", "--run-dir", str(tmp_path / "oom"), *QUICK[:-3]]) == 2
     assert "found no strategy that fits in memory" in capsys.readouterr().err
 
 
 def test_auto_strategy_candidates_per_device():
-    from metafunc.harness.run import strategy_candidates
+    from metafunc.inner import strategy_candidates
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert strategy_candidates(cpu, 1, 16) == [("loop", None), ("vmap", None)]

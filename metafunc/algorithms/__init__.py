@@ -1,6 +1,6 @@
 """Meta-learning algorithms, each a small composition of the functional core."""
 
-from metafunc.algorithms.base import Algorithm, evaluate_predictions
+from metafunc.algorithms.base import Algorithm, evaluate_predictions, tune_strategy
 from metafunc.algorithms.baseline import Baseline, load_weights, pretrain_batch
 from metafunc.algorithms.imaml import IMAML, conjugate_gradient
 from metafunc.algorithms.maml import ANIL, MAML, FirstOrderMAML, MetaSGD
@@ -24,4 +24,5 @@ __all__ = [
     "load_weights",
     "pretrain_batch",
     "prototype_logits",
+    "tune_strategy",
 ]

@@ -28,6 +28,7 @@ from metafunc.data import TaskBatch, get_benchmark
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
+from metafunc.inner import default_strategy
 
 __all__ = [
     "NumericsError", "Run", "build", "build_algorithm", "evaluate", "init_meta", "train",
@@ -322,21 +323,6 @@ def _format_results(results: dict[str, Any], regression: bool) -> str:
     return f"test ({results['episodes']} episodes, 95% interval):\n" + "\n".join(lines)
 
 
-def strategy_candidates(
-    device: torch.device, threads: int, tasks: int
-) -> list[tuple[str, int | None]]:
-    """What ``strategy='auto'`` measures, as ``(strategy, chunk_size)``: the loop and ``vmap``
-    everywhere; on a CPU with more than one thread, ``'threads'``; on CUDA, ``vmap`` over chunks
-    of a half and a quarter of the ``tasks`` (less memory than the whole meta-batch at once)."""
-    candidates: list[tuple[str, int | None]] = [("loop", None), ("vmap", None)]
-    if device.type == "cpu" and threads > 1:
-        candidates.append(("threads", None))
-    if device.type == "cuda":
-        sizes = sorted({tasks // 2, tasks // 4} - {0, 1}, reverse=True)
-        candidates += [("chunked", size) for size in sizes]
-    return candidates
-
-
 def _label(strategy: str, chunk_size: int | None) -> str:
     return strategy if chunk_size is None else f"{strategy}:{chunk_size}"
 
@@ -347,55 +333,43 @@ def _format_timings(timings: dict[str, float | str]) -> str:
     )
 
 
-def _time_strategy(cfg: Config) -> float:
-    """Seconds per meta-gradient step of ``cfg`` (two steps after a warm-up step)."""
-    run = build(cfg)
-    gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
-    gen.manual_seed(cfg.seed + 2)
-    meta = init_meta(run, 0)
-    train_step(run, meta, gen, 0)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    t = time.perf_counter()
-    for step in range(2):
-        train_step(run, meta, gen, step)
-    if run.device.type == "cuda":
-        torch.cuda.synchronize(run.device)
-    return (time.perf_counter() - t) / 2
-
-
 def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
-    """``cfg`` with ``strategy='auto'`` replaced by the fastest of :func:`strategy_candidates`,
-    measured on this very configuration, and ``{candidate: seconds per step}`` (or
-    ``'out of memory'`` for a candidate that did not fit: it is skipped). A fixed strategy is
-    returned as it is, with no timings."""
+    """``cfg`` with ``strategy='auto'`` replaced by the strategy that
+    :func:`metafunc.algorithms.tune_strategy` finds fastest on this very configuration (its
+    model, algorithm, compile and precision settings, on one meta-batch of its own tasks), and
+    ``{candidate: seconds per step}`` (``'out of memory'`` for a candidate that did not fit: it
+    is skipped). A fixed strategy is returned as it is, with no timings; so is a pretraining run
+    (the classification baseline maps tasks only to evaluate), which takes the device rule
+    (:func:`metafunc.default_strategy`)."""
     if cfg.strategy != "auto":
         return cfg, {}
-    device = _device(cfg)
-    tasks = getattr(cfg, launch.batch_key(cfg))
-    times: dict[str, float | str] = {}
-    best: tuple[float, Config] | None = None
-    for strategy, size in strategy_candidates(device, torch.get_num_threads(), tasks):
-        candidate = cfg.replace(strategy=strategy, chunk_size=size or cfg.chunk_size)
-        try:
-            seconds: float | None = _time_strategy(candidate)
-        except torch.OutOfMemoryError:  # its tensors are freed once the traceback is dropped
-            seconds = None
-        if seconds is None:
-            times[_label(strategy, size)] = "out of memory"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        times[_label(strategy, size)] = round(seconds, 6)
-        if best is None or seconds < best[0]:
-            best = (seconds, candidate)
-    if best is None:
+    run = build(cfg)
+    if pretrains(run):
+        return cfg.replace(strategy=default_strategy(run.device)), {}
+    meta = init_meta(run, 0)
+    gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
+    batch = run.train_tasks.sample(
+        getattr(cfg, launch.batch_key(cfg)), gen.manual_seed(cfg.seed + 2)
+    )
+    latest: dict[str, Any] = {}
+
+    def step(alg: algorithms.Algorithm, meta: Any, batch: TaskBatch) -> Any:
+        # the run's own meta-gradient (compiled, under autocast, as configured) for this
+        # candidate, built once per candidate
+        if latest.get("alg") is not alg:
+            candidate = dataclasses.replace(run, algorithm=alg, eval_algorithm=alg, meta_grad=None)
+            latest.update(alg=alg, meta_grad=candidate.meta_grad)
+        return latest["meta_grad"](meta, batch)
+
+    try:
+        fastest, times = algorithms.tune_strategy(run.algorithm, meta, batch, step=step)
+    except torch.OutOfMemoryError as error:
         raise ConfigError(
-            f"train: strategy='auto' found no strategy that fits in memory ({times}); lower "
+            f"train: strategy='auto' found no strategy that fits in memory ({error}); lower "
             f"--{launch.batch_key(cfg).replace('_', '-')}, or pass --strategy chunked with a "
             "small --chunk-size."
-        )
-    return best[1], times
+        ) from None
+    return cfg.replace(strategy=fastest.strategy, chunk_size=fastest.chunk_size), times
 
 
 def train(
