@@ -294,7 +294,7 @@ def test_tune_strategy_picks_the_fastest_candidate_and_records_each(gen, batch):
     assert list(times) == ["loop", "chunked:2", "vmap"]
     assert fastest.strategy == "vmap" and fastest == dataclasses.replace(alg, strategy="vmap")
     assert times["vmap"] < 0.05 <= times["loop"] < 0.1 <= times["chunked:2"]
-    assert seen == [c for c in candidates for _ in range(4)]  # a warm-up, then 3 timed calls
+    assert seen == candidates * 4  # a warm-up round, then 3 timed rounds, each in turn
     # a strategy changes the schedule, not the result
     ref = ref_meta_grad(meta, batch, 2, lr=lambda leaves, k, n: LR)
     check(fastest, meta, batch, ref)
@@ -321,6 +321,21 @@ def test_tune_strategy_skips_what_does_not_fit_and_says_when_nothing_does(gen, b
     )
     assert times["vmap"] == "out of memory" and isinstance(times["loop"], float)
     assert fastest.strategy == "loop" and fastest.chunk_size == 3  # the rest is kept
+
+    calls = {"loop": 0, "vmap": 0}
+
+    def loop_runs_out_in_a_timed_round(candidate, meta, work):
+        calls[candidate.strategy] += 1
+        if candidate.strategy == "loop" and calls["loop"] == 3:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return candidate.meta_grad(meta, work)
+
+    fastest, times = tune_strategy(
+        alg, meta, batch, candidates=[("loop", None), ("vmap", None)], repeats=3,
+        step=loop_runs_out_in_a_timed_round,
+    )  # fmt: skip
+    assert list(times) == ["loop", "vmap"] and times["loop"] == "out of memory"
+    assert fastest.strategy == "vmap" and calls == {"loop": 3, "vmap": 4}
 
     def nothing_fits(candidate, meta, work):
         raise torch.OutOfMemoryError("out of memory (simulated)")

@@ -358,7 +358,8 @@ def tune_strategy(
     wins depends on the machine, the model and the task size (on one 2-core VM the CPU threads
     beat the loop by 1.02x at 5-way 1-shot and 1.31x at 20-way), so this times them on your own
     work: every candidate runs ``step`` once to warm up (and compile, where ``step`` compiles),
-    then ``repeats`` times, and the median counts. A candidate that runs out of memory
+    then ``repeats`` rounds time each candidate once in turn (so a host whose speed drifts
+    shifts them all alike), and the median counts. A candidate that runs out of memory
     (``torch.OutOfMemoryError``) is recorded as ``'out of memory'`` and skipped. Strategies
     change how tasks are scheduled, not what is computed: every candidate gives the same
     meta-gradient up to rounding. ``metafunc train --strategy auto`` calls this on two
@@ -425,32 +426,41 @@ def tune_strategy(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    timings: dict[str, float | str] = {}
-    best: tuple[float, A] | None = None
+    def out_of_memory(label: str) -> None:
+        failed[label] = "out of memory"
+        del alive[label]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    alive: dict[str, A] = {}
     for strategy, size in candidates:
         chunk = size if strategy == "chunked" else algorithm.chunk_size
-        candidate = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
-        seconds: list[float] = []
-        try:
-            step(candidate, meta_params, batch)
-            for _ in range(repeats):
+        label = _label(strategy, size if strategy == "chunked" else None)
+        alive[label] = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
+    order = list(alive)
+    failed: dict[str, str] = {}
+    seconds: dict[str, list[float]] = {label: [] for label in alive}
+    # every candidate warms up, then each round times every candidate once: a machine whose
+    # speed drifts (a shared host) shifts all candidates alike instead of favouring one
+    for rnd in range(1 + repeats):
+        for label, candidate in list(alive.items()):
+            try:
                 sync()
                 start = time.perf_counter()
                 step(candidate, meta_params, batch)
                 sync()
-                seconds.append(time.perf_counter() - start)
-        except torch.OutOfMemoryError:  # its tensors are freed once the traceback is dropped
-            seconds = []
-        label = _label(strategy, size if strategy == "chunked" else None)
-        if not seconds:
-            timings[label] = "out of memory"
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        median = statistics.median(seconds)
-        timings[label] = round(median, 6)
-        if best is None or median < best[0]:
-            best = (median, candidate)
+            except torch.OutOfMemoryError:  # its tensors are freed once the traceback is dropped
+                out_of_memory(label)
+                continue
+            if rnd > 0:
+                seconds[label].append(time.perf_counter() - start)
+    medians = {label: statistics.median(seconds[label]) for label in alive}
+    timings: dict[str, float | str] = {
+        label: failed[label] if label in failed else round(medians[label], 6) for label in order
+    }
+    best = min(
+        ((m, alive[label]) for label, m in medians.items()), default=None, key=lambda b: b[0]
+    )
     if best is None:
         raise torch.OutOfMemoryError(
             f"{call}: no candidate fits in memory ({timings}); time a smaller batch, or give "

@@ -351,15 +351,15 @@ def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
     batch = run.train_tasks.sample(
         getattr(cfg, launch.batch_key(cfg)), gen.manual_seed(cfg.seed + 2)
     )
-    latest: dict[str, Any] = {}
+    made: dict[int, tuple[algorithms.Algorithm, Any]] = {}
 
     def step(alg: algorithms.Algorithm, meta: Any, batch: TaskBatch) -> Any:
         # the run's own meta-gradient (compiled, under autocast, as configured) for this
-        # candidate, built once per candidate
-        if latest.get("alg") is not alg:
+        # candidate, built once per candidate (the candidates are timed in turn)
+        if id(alg) not in made:
             candidate = dataclasses.replace(run, algorithm=alg, eval_algorithm=alg, meta_grad=None)
-            latest.update(alg=alg, meta_grad=candidate.meta_grad)
-        return latest["meta_grad"](meta, batch)
+            made[id(alg)] = (alg, candidate.meta_grad)
+        return made[id(alg)][1](meta, batch)
 
     try:
         fastest, times = algorithms.tune_strategy(run.algorithm, meta, batch, step=step)
