@@ -35,6 +35,7 @@ __all__ = [
     "grad_with_aux",
     "run_tasks",
     "strategy_candidates",
+    "strategy_label",
     "task_map",
     "task_workers",
     "tasks_at_once",
@@ -237,6 +238,11 @@ def strategy_candidates(
         sizes = sorted({tasks // 2, tasks // 4} - {0, 1}, reverse=True)
         candidates += [("chunked", size) for size in sizes]
     return candidates
+
+
+def strategy_label(strategy: str, chunk_size: int | None = None) -> str:
+    """``'loop'``, ``'vmap'``..., or ``'chunked:8'``: how timings name a candidate."""
+    return strategy if chunk_size is None else f"{strategy}:{chunk_size}"
 
 
 def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: torch.device) -> int:

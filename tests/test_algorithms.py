@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -274,35 +273,43 @@ def test_bad_hyper_parameters():
         ANIL(conv4(None))
 
 
-def test_tune_strategy_picks_the_fastest_candidate_and_records_each(gen, batch):
-    from metafunc.algorithms import tune_strategy
+def test_tune_strategy_picks_the_fastest_candidate_and_records_each(gen, batch, monkeypatch):
+    from metafunc.algorithms import base, tune_strategy
 
     alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy="auto")
     meta = alg.init(gen, dtype=torch.float64)
-    seen: list[tuple[str, int | None]] = []
+    now = [0.0]  # a fake clock: each step costs what its candidate is given below, exactly
+    monkeypatch.setattr(base, "_clock", lambda: now[0])
+    cost = {"loop": [0.5, 0.2, 0.3, 0.4], "chunked": [0.1, 0.6, 0.6, 0.6], "vmap": [1.0, 0.25]}
+    seen: list[str] = []
 
-    def step(candidate, meta, work):  # the loop is made slow, chunks of 2 slower still
-        seen.append((candidate.strategy, candidate.chunk_size))
-        if candidate.strategy == "loop":
-            time.sleep(0.05)
-        if candidate.strategy == "chunked":
-            time.sleep(0.1)
+    def step(candidate, meta, work):
+        seen.append(candidate.strategy)
+        costs = cost[candidate.strategy]
+        now[0] += costs[min(seen.count(candidate.strategy), len(costs)) - 1]
         return candidate.meta_grad(meta, work)
 
     candidates = [("loop", None), ("chunked", 2), ("vmap", None)]
     fastest, times = tune_strategy(alg, meta, batch, candidates=candidates, repeats=3, step=step)
-    assert list(times) == ["loop", "chunked:2", "vmap"]
-    assert fastest.strategy == "vmap" and fastest == dataclasses.replace(alg, strategy="vmap")
-    assert times["vmap"] < 0.05 <= times["loop"] < 0.1 <= times["chunked:2"]
-    assert seen == candidates * 4  # a warm-up round, then 3 timed rounds, each in turn
+    # medians of the timed rounds (the warm-up's cost does not count): 0.3, 0.6, 0.25
+    assert times == {"loop": 0.3, "chunked:2": 0.6, "vmap": 0.25}
+    assert fastest == dataclasses.replace(alg, strategy="vmap")
+    # a warm-up round, then three timed rounds, each starting one candidate later
+    assert seen == [
+        "loop", "chunked", "vmap",  "chunked", "vmap", "loop",
+        "vmap", "loop", "chunked",  "loop", "chunked", "vmap",
+    ]  # fmt: skip
     # a strategy changes the schedule, not the result
     ref = ref_meta_grad(meta, batch, 2, lr=lambda leaves, k, n: LR)
     check(fastest, meta, batch, ref)
+    fastest, _ = tune_strategy(alg, meta, batch, candidates=[("chunked", 2)], step=step)
+    assert fastest.strategy == "chunked" and fastest.chunk_size == 2
 
     # the default work is the candidate's meta_grad; the default candidates those of the device
+    monkeypatch.undo()
     fastest, times = tune_strategy(alg, meta, batch, repeats=1)
     assert list(times) == ["loop", "vmap", "threads"]  # two intra-op threads here
-    assert fastest.strategy == min(times, key=times.__getitem__)
+    assert all(isinstance(t, float) and t > 0 for t in times.values())
 
 
 def test_tune_strategy_skips_what_does_not_fit_and_says_when_nothing_does(gen, batch):
@@ -337,11 +344,30 @@ def test_tune_strategy_skips_what_does_not_fit_and_says_when_nothing_does(gen, b
     assert list(times) == ["loop", "vmap"] and times["loop"] == "out of memory"
     assert fastest.strategy == "vmap" and calls == {"loop": 3, "vmap": 4}
 
+    def cpu_allocator_fails_for_vmap(candidate, meta, work):  # the CPU's error is a RuntimeError
+        if candidate.strategy == "vmap":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory (simulated)")
+        return candidate.meta_grad(meta, work)
+
+    fastest, times = tune_strategy(
+        alg, meta, batch, candidates=[("vmap", None), ("loop", None)],
+        step=cpu_allocator_fails_for_vmap,
+    )  # fmt: skip
+    assert times["vmap"] == "out of memory" and fastest.strategy == "loop"
+
+    def a_bug(candidate, meta, work):
+        raise RuntimeError("shape mismatch (simulated)")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # other errors are not swallowed
+        tune_strategy(alg, meta, batch, step=a_bug)
+
     def nothing_fits(candidate, meta, work):
         raise torch.OutOfMemoryError("out of memory (simulated)")
 
-    with pytest.raises(torch.OutOfMemoryError, match="no candidate fits in memory.*chunked"):
+    with pytest.raises(torch.OutOfMemoryError, match="no candidate fits in memory.*chunked") as e:
         tune_strategy(alg, meta, batch, step=nothing_fits)
+    assert e.value.timings == {"loop": "out of memory", "vmap": "out of memory",
+                               "threads": "out of memory"}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -355,6 +381,12 @@ def test_tune_strategy_skips_what_does_not_fit_and_says_when_nothing_does(gen, b
         ),
         ({"candidates": []}, ValueError, "candidates is empty"),
         ({"repeats": 0}, ValueError, "repeats must be an int >= 1"),
+        ({"candidates": ["loop"]}, ValueError, r"candidates holds 'loop'; give \(strategy, "),
+        (
+            {"candidates": [("vmap", 4)]},
+            ValueError,
+            r"candidate \('vmap', 4\): only 'chunked' takes",
+        ),
     ],
 )
 def test_tune_strategy_rejects_bad_arguments(gen, batch, kwargs, error, message):
@@ -364,5 +396,7 @@ def test_tune_strategy_rejects_bad_arguments(gen, batch, kwargs, error, message)
     meta = alg.init(gen, dtype=torch.float64)
     with pytest.raises(error, match=r"tune_strategy\(algorithm, meta_params, batch\): " + message):
         tune_strategy(alg, meta, batch, **kwargs)
-    with pytest.raises(TypeError, match="algorithm is a str, which has no strategy"):
+    with pytest.raises(TypeError, match="algorithm is a str, not an instance with strategy"):
         tune_strategy("maml", meta, batch)  # type: ignore[type-var]
+    with pytest.raises(TypeError, match="algorithm is the class MAML, not an instance"):
+        tune_strategy(MAML, meta, batch)  # type: ignore[type-var]

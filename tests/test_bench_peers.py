@@ -104,11 +104,28 @@ def test_first_order_differs_from_second_order(tmp_path: Path) -> None:
     assert rows["first"]["grad_rel_err"] > 1e-4  # different gradient
 
 
-def test_a_run_without_impls_compares_metafunc_with_every_peer() -> None:
+def test_a_run_without_impls_compares_metafunc_with_every_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # `metafunc bench peers` with no --impls must time metafunc itself, against all the peers
     assert DEFAULT_IMPLS[0] == "plain"
     assert {"metafunc", "metafunc-loop"} <= set(DEFAULT_IMPLS)
     assert set(PEER_IMPLS) <= set(DEFAULT_IMPLS) <= set(run_peer.IMPLS)
+    from benchmarks.peers import driver
+
+    asked: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(spec, impls, *args, **kwargs):
+        asked.append(list(impls))
+        raise Stop
+
+    monkeypatch.setattr(driver, "_run_all", record)
+    with pytest.raises(Stop):
+        driver.main(["--settings", "omniglot-5w1s", "--workdir", str(tmp_path)])
+    assert asked == [list(DEFAULT_IMPLS)]
 
 
 @pytest.mark.parametrize("library", ["learn2learn", "higher", "torchopt"])

@@ -322,3 +322,21 @@ def test_auto_strategy_candidates_per_device():
         ("loop", None), ("vmap", None), ("chunked", 8), ("chunked", 4),
     ]  # fmt: skip
     assert strategy_candidates(cuda, 8, 3) == [("loop", None), ("vmap", None)]
+
+
+def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(monkeypatch):
+    from metafunc.harness import run as harness_run
+    from metafunc.harness.config import Config
+
+    def no_build(cfg):
+        raise AssertionError("a pretraining run has no meta-batch to time: nothing to build")
+
+    monkeypatch.setattr(harness_run, "build", no_build)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = Config(algorithm="baseline", dataset="omniglot", strategy="auto")
+        resolved, times = harness_run.resolve_strategy(cfg)
+    finally:
+        torch.set_num_threads(before)
+    assert resolved.strategy == "threads" and times == {}

@@ -35,6 +35,7 @@ from metafunc.inner import (
     grad_with_aux,
     run_tasks,
     strategy_candidates,
+    strategy_label,
     task_workers,
     tasks_at_once,
 )
@@ -336,10 +337,13 @@ class Algorithm:
 
 
 A = TypeVar("A", bound=Algorithm)
+_clock = time.perf_counter  # what tune_strategy times with (tests substitute a fake clock)
 
 
-def _label(strategy: str, chunk_size: int | None) -> str:
-    return strategy if chunk_size is None else f"{strategy}:{chunk_size}"
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether ``error`` is an allocation failure: ``torch.OutOfMemoryError`` (CUDA, MPS...) or
+    the CPU allocator's plain ``RuntimeError``."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
 
 
 def tune_strategy(
@@ -348,7 +352,7 @@ def tune_strategy(
     batch: Any,
     *,
     candidates: Sequence[tuple[str, int | None]] | None = None,
-    repeats: int = 2,
+    repeats: int = 3,
     step: Callable[[A, Any, Any], Any] | None = None,
 ) -> tuple[A, dict[str, float | str]]:
     """``algorithm`` with the task-parallel strategy that runs ``step`` fastest on this machine,
@@ -358,41 +362,49 @@ def tune_strategy(
     wins depends on the machine, the model and the task size (on one 2-core VM the CPU threads
     beat the loop by 1.02x at 5-way 1-shot and 1.31x at 20-way), so this times them on your own
     work: every candidate runs ``step`` once to warm up (and compile, where ``step`` compiles),
-    then ``repeats`` rounds time each candidate once in turn (so a host whose speed drifts
-    shifts them all alike), and the median counts. A candidate that runs out of memory
-    (``torch.OutOfMemoryError``) is recorded as ``'out of memory'`` and skipped. Strategies
+    then ``repeats`` rounds time each candidate once, in turn, each round starting one
+    candidate later (so a host whose speed drifts, or a candidate that leaves the allocator in
+    a state the next one pays for, shifts them all alike), and the median of its rounds
+    counts. A candidate that runs out of memory (``torch.OutOfMemoryError``, or the CPU
+    allocator's error) in any round is recorded as ``'out of memory'`` and dropped. Strategies
     change how tasks are scheduled, not what is computed: every candidate gives the same
-    meta-gradient up to rounding. ``metafunc train --strategy auto`` calls this on two
-    meta-steps of the run's own configuration.
+    meta-gradient up to rounding. ``metafunc train --strategy auto`` calls this on one
+    meta-batch of the run's own configuration.
 
     Args:
-        algorithm: any algorithm with ``strategy`` and ``chunk_size`` fields (all of
+        algorithm: an algorithm instance with ``strategy`` and ``chunk_size`` fields (all of
             :mod:`metafunc.algorithms`).
         meta_params, batch: the work to time, e.g. ``algorithm.init(...)`` and one meta-batch
             (a :class:`metafunc.TaskBatch`) already on the device.
-        candidates: ``(strategy, chunk_size)`` pairs (``chunk_size`` only for ``'chunked'``);
-            by default :func:`metafunc.inner.strategy_candidates` for the device of
-            ``meta_params``, ``torch.get_num_threads()`` and the number of tasks.
-        repeats: timed calls per candidate, after the warm-up.
+        candidates: ``(strategy, chunk_size)`` pairs, the chunk size an int for ``'chunked'``
+            and ``None`` otherwise; by default :func:`metafunc.inner.strategy_candidates` for
+            the device of ``meta_params``, ``torch.get_num_threads()`` and the number of tasks.
+        repeats: timed rounds, after the warm-up.
         step: ``step(candidate, meta_params, batch)``, the work timed (its result is dropped);
             by default ``candidate.meta_grad(meta_params, batch)``.
 
     Returns:
         ``(dataclasses.replace(algorithm, strategy=..., chunk_size=...), timings)`` with
-        ``timings`` ``{'loop': seconds per step, 'chunked:8': ..., 'vmap': 'out of memory'}``.
+        ``timings`` ``{'loop': seconds per step, 'chunked:8': ..., 'vmap': 'out of memory'}``
+        (labels by :func:`metafunc.inner.strategy_label`).
 
     Raises:
-        torch.OutOfMemoryError: no candidate fits in memory.
+        torch.OutOfMemoryError: no candidate fits in memory (its ``timings`` attribute holds
+            what was recorded).
     """
     call = "tune_strategy(algorithm, meta_params, batch)"
     names: set[str] = set()
-    if dataclasses.is_dataclass(algorithm):
+    if dataclasses.is_dataclass(algorithm) and not isinstance(algorithm, type):
         names = {f.name for f in dataclasses.fields(algorithm)}
     if not {"strategy", "chunk_size"} <= names:
+        what = (
+            f"the class {algorithm.__qualname__}"
+            if isinstance(algorithm, type)
+            else (f"a {type(algorithm).__qualname__}")
+        )
         raise TypeError(
-            f"{call}: algorithm is a {type(algorithm).__qualname__}, which has no strategy and "
-            "chunk_size fields; pass an algorithm of metafunc.algorithms (or a dataclass with "
-            "both fields)."
+            f"{call}: algorithm is {what}, not an instance with strategy and chunk_size "
+            "fields; pass an algorithm of metafunc.algorithms, e.g. MAML(model, ...)."
         )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"{call}: repeats must be an int >= 1, got {repeats!r}.")
@@ -404,19 +416,30 @@ def tune_strategy(
             tasks = int(mt.leaves(batch)[0].shape[0])
         candidates = strategy_candidates(device, torch.get_num_threads(), tasks)
     candidates = list(candidates)
-    for strategy, size in candidates:
-        if strategy not in STRATEGIES or strategy == "auto":
+    if not candidates:
+        raise ValueError(f"{call}: candidates is empty; give at least one (strategy, chunk).")
+    choices = tuple(s for s in STRATEGIES if s != "auto")
+    for c in candidates:
+        if not (isinstance(c, tuple | list) and len(c) == 2):
             raise ValueError(
-                f"{call}: candidate strategy {strategy!r} is not one of "
-                f"{tuple(s for s in STRATEGIES if s != 'auto')}."
+                f"{call}: candidates holds {c!r}; give (strategy, chunk_size) pairs such as "
+                "('loop', None) or ('chunked', 8)."
             )
-        if strategy == "chunked" and (not isinstance(size, int) or size < 1):
+        strategy, size = c
+        if strategy not in choices:
+            raise ValueError(f"{call}: candidate strategy {strategy!r} is not one of {choices}.")
+        if strategy == "chunked" and (
+            isinstance(size, bool) or not isinstance(size, int) or size < 1
+        ):
             raise ValueError(
                 f"{call}: candidate ('chunked', {size!r}) needs a chunk size >= 1, e.g. "
                 "('chunked', 8)."
             )
-    if not candidates:
-        raise ValueError(f"{call}: candidates is empty; give at least one (strategy, chunk).")
+        if strategy != "chunked" and size is not None:
+            raise ValueError(
+                f"{call}: candidate ({strategy!r}, {size!r}): only 'chunked' takes a chunk "
+                f"size; give ({strategy!r}, None)."
+            )
     if step is None:
 
         def step(candidate: A, meta: Any, work: Any) -> Any:
@@ -426,44 +449,43 @@ def tune_strategy(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def out_of_memory(label: str) -> None:
-        failed[label] = "out of memory"
-        del alive[label]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
     alive: dict[str, A] = {}
     for strategy, size in candidates:
         chunk = size if strategy == "chunked" else algorithm.chunk_size
-        label = _label(strategy, size if strategy == "chunked" else None)
-        alive[label] = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
+        candidate = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
+        alive[strategy_label(strategy, size)] = candidate
     order = list(alive)
     failed: dict[str, str] = {}
     seconds: dict[str, list[float]] = {label: [] for label in alive}
-    # every candidate warms up, then each round times every candidate once: a machine whose
-    # speed drifts (a shared host) shifts all candidates alike instead of favouring one
-    for rnd in range(1 + repeats):
-        for label, candidate in list(alive.items()):
+    for rnd in range(1 + repeats):  # a warm-up round, then the timed ones
+        turn = [label for label in order if label in alive]
+        for label in turn[rnd % len(turn) :] + turn[: rnd % len(turn)] if turn else ():
+            fits = True
             try:
                 sync()
-                start = time.perf_counter()
-                step(candidate, meta_params, batch)
+                start = _clock()
+                step(alive[label], meta_params, batch)
                 sync()
-            except torch.OutOfMemoryError:  # its tensors are freed once the traceback is dropped
-                out_of_memory(label)
-                continue
-            if rnd > 0:
-                seconds[label].append(time.perf_counter() - start)
+            except RuntimeError as error:
+                if not _out_of_memory(error):
+                    raise
+                fits = False
+            if not fits:  # outside the handler: the failed step's tensors are freed by now
+                failed[label] = "out of memory"
+                del alive[label]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            elif rnd > 0:
+                seconds[label].append(_clock() - start)
     medians = {label: statistics.median(seconds[label]) for label in alive}
     timings: dict[str, float | str] = {
         label: failed[label] if label in failed else round(medians[label], 6) for label in order
     }
-    best = min(
-        ((m, alive[label]) for label, m in medians.items()), default=None, key=lambda b: b[0]
-    )
-    if best is None:
-        raise torch.OutOfMemoryError(
+    if not medians:
+        none_fit = torch.OutOfMemoryError(
             f"{call}: no candidate fits in memory ({timings}); time a smaller batch, or give "
             "candidates=[('chunked', k)] with a small k."
         )
-    return best[1], timings
+        none_fit.timings = timings  # type: ignore[attr-defined]
+        raise none_fit
+    return alive[min(medians, key=medians.__getitem__)], timings

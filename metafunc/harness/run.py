@@ -28,7 +28,7 @@ from metafunc.data import TaskBatch, get_benchmark
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
-from metafunc.inner import default_strategy
+from metafunc.inner import default_strategy, strategy_label
 
 __all__ = [
     "NumericsError", "Run", "build", "build_algorithm", "evaluate", "init_meta", "train",
@@ -323,10 +323,6 @@ def _format_results(results: dict[str, Any], regression: bool) -> str:
     return f"test ({results['episodes']} episodes, 95% interval):\n" + "\n".join(lines)
 
 
-def _label(strategy: str, chunk_size: int | None) -> str:
-    return strategy if chunk_size is None else f"{strategy}:{chunk_size}"
-
-
 def _format_timings(timings: dict[str, float | str]) -> str:
     return ", ".join(
         f"{k} {v:.3g} s" if isinstance(v, float) else f"{k} ({v})" for k, v in timings.items()
@@ -336,21 +332,21 @@ def _format_timings(timings: dict[str, float | str]) -> str:
 def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
     """``cfg`` with ``strategy='auto'`` replaced by the strategy that
     :func:`metafunc.algorithms.tune_strategy` finds fastest on this very configuration (its
-    model, algorithm, compile and precision settings, on one meta-batch of its own tasks), and
+    model, algorithm, compile and precision settings, on one meta-batch of its own tasks, at
+    the last iteration, where an annealing algorithm is at its most expensive), and
     ``{candidate: seconds per step}`` (``'out of memory'`` for a candidate that did not fit: it
     is skipped). A fixed strategy is returned as it is, with no timings; so is a pretraining run
     (the classification baseline maps tasks only to evaluate), which takes the device rule
     (:func:`metafunc.default_strategy`)."""
     if cfg.strategy != "auto":
         return cfg, {}
+    if launch.batch_key(cfg) == "batch_size":  # pretraining: no meta-batch to time
+        return cfg.replace(strategy=default_strategy(_device(cfg))), {}
     run = build(cfg)
-    if pretrains(run):
-        return cfg.replace(strategy=default_strategy(run.device)), {}
     meta = init_meta(run, 0)
     gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
-    batch = run.train_tasks.sample(
-        getattr(cfg, launch.batch_key(cfg)), gen.manual_seed(cfg.seed + 2)
-    )
+    batch = run.train_tasks.sample(cfg.meta_batch, gen.manual_seed(cfg.seed + 2))
+    last = max(cfg.iterations - 1, 0)
     made: dict[int, tuple[algorithms.Algorithm, Any]] = {}
 
     def step(alg: algorithms.Algorithm, meta: Any, batch: TaskBatch) -> Any:
@@ -359,15 +355,15 @@ def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
         if id(alg) not in made:
             candidate = dataclasses.replace(run, algorithm=alg, eval_algorithm=alg, meta_grad=None)
             made[id(alg)] = (alg, candidate.meta_grad)
-        return made[id(alg)][1](meta, batch)
+        return made[id(alg)][1](meta, batch, iteration=last)
 
     try:
         fastest, times = algorithms.tune_strategy(run.algorithm, meta, batch, step=step)
     except torch.OutOfMemoryError as error:
+        tried = _format_timings(getattr(error, "timings", {}))
         raise ConfigError(
-            f"train: strategy='auto' found no strategy that fits in memory ({error}); lower "
-            f"--{launch.batch_key(cfg).replace('_', '-')}, or pass --strategy chunked with a "
-            "small --chunk-size."
+            f"train: strategy='auto' found no strategy that fits in memory ({tried}); lower "
+            "--meta-batch, or pass --strategy chunked with a small --chunk-size."
         ) from None
     return cfg.replace(strategy=fastest.strategy, chunk_size=fastest.chunk_size), times
 
@@ -427,7 +423,7 @@ def _train(
             (run_dir / "strategy.json").write_text(json.dumps(timings, indent=2) + "\n")
             if not quiet:
                 size = cfg.chunk_size if cfg.strategy == "chunked" else None
-                print(f"strategy 'auto': {_label(cfg.strategy, size)}, the fastest of "
+                print(f"strategy 'auto': {strategy_label(cfg.strategy, size)}, the fastest of "
                       f"{_format_timings(timings)} per step")  # fmt: skip
     alg = run.algorithm
     meta = init_meta(run, cfg.seed)
