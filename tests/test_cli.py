@@ -340,3 +340,37 @@ def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(mo
     finally:
         torch.set_num_threads(before)
     assert resolved.strategy == "threads" and times == {}
+
+
+def test_auto_strategy_builds_one_meta_gradient_per_candidate_and_times_the_last_iteration(
+    monkeypatch,
+):
+    from metafunc.algorithms import MAML
+    from metafunc.harness import run as harness_run
+    from metafunc.harness.config import Config
+
+    built: list[str] = []
+    iterations: set[int] = set()
+
+    def compiled_meta_grad(self, mode="default", *, backend="inductor"):  # no real compile
+        built.append(self.strategy)
+
+        def meta_grad(meta, batch, *, iteration=0):
+            iterations.add(iteration)
+            return self.meta_grad(meta, batch, iteration=iteration)
+
+        return meta_grad
+
+    monkeypatch.setattr(MAML, "compiled_meta_grad", compiled_meta_grad)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = Config(strategy="auto", compile="default", iterations=7, meta_batch=4)
+        resolved, times = harness_run.resolve_strategy(cfg)
+    finally:
+        torch.set_num_threads(before)
+    # the run's own (here: compiled) meta-gradient, built once per candidate although each
+    # runs four times (a warm-up and three timed rounds), at the run's last iteration (the
+    # 'auto' one is the run's own, built with it and never called)
+    assert sorted(built) == ["auto", "loop", "threads", "vmap"] and iterations == {6}
+    assert set(times) == {"loop", "vmap", "threads"} and resolved.strategy in times
