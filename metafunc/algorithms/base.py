@@ -32,6 +32,7 @@ from metafunc import tree as mt
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import (
     STRATEGIES,
+    _device,
     grad_with_aux,
     run_tasks,
     strategy_candidates,
@@ -408,8 +409,7 @@ def tune_strategy(
         )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"{call}: repeats must be an int >= 1, got {repeats!r}.")
-    leaves = mt.leaves(meta_params)
-    device = leaves[0].device if leaves else torch.device("cpu")
+    device = _device(meta_params)
     if candidates is None:
         tasks = getattr(batch, "num_tasks", None)
         if tasks is None:
