@@ -120,6 +120,13 @@ def adapt(
         ``run(params, batch, state) -> (adapted_params, new_state, metrics)``. ``metrics['loss']``
         holds the detached support loss before each step (``steps`` entries).
 
+        ``run(params, batch, first=(grads, loss))`` takes the first step with ``grads`` (the
+        gradient of ``loss_fn`` at ``params``, for the adapted leaves) and ``loss`` (its value)
+        computed elsewhere, e.g. for many tasks at once: every task starts from the same
+        ``params``, so :class:`metafunc.algorithms.MAML` computes all their first gradients in
+        one ``vmap`` on the per-task strategies. Gradients flow into ``grads`` as into any input.
+        Not with ``stateful=True`` (the first step's new state would be lost) or ``steps=0``.
+
     Example (MAML's inner loop)::
 
         def loss_fn(params, task):
@@ -141,7 +148,7 @@ def adapt(
     if observe is not None and not callable(observe):
         raise TypeError(f"{call}: observe must be callable or None.")
 
-    def run(params: Any, batch: Any, state: Any = None) -> Any:
+    def run(params: Any, batch: Any, state: Any = None, *, first: Any = None) -> Any:
         mt.validate(params, call="adapt(...)(params, batch)")
         if stateful and state is None:
             raise ValueError(
@@ -152,6 +159,8 @@ def adapt(
             fast, frozen, spec = mt.partition(params, trainable)
         else:
             fast, frozen, spec = params, None, None
+        if first is not None:
+            _check_first(first, fast, stateful=stateful, steps=steps)
 
         def full(f: Any) -> Any:
             return f if spec is None else mt.combine(f, frozen, spec)
@@ -180,9 +189,13 @@ def adapt(
         for k in range(steps):
             if observe is not None:
                 observed.append(look(fast, st, k))
-            grads, (loss, st) = grad_with_aux(
-                step_loss, fast, st, k, differentiable=not first_order
-            )
+            if k == 0 and first is not None:
+                grads, loss = first
+                loss = loss.detach()
+            else:
+                grads, (loss, st) = grad_with_aux(
+                    step_loss, fast, st, k, differentiable=not first_order
+                )
             if first_order:
                 grads = mt.detach(grads)
             updates, opt_state = optimizer.update(grads, opt_state, fast)
@@ -198,6 +211,23 @@ def adapt(
         return (adapted, st, metrics) if stateful else (adapted, metrics)
 
     return run
+
+
+def _check_first(first: Any, fast: Any, *, stateful: bool, steps: int) -> None:
+    call = "adapt(...)(params, batch, first=(grads, loss))"
+    if stateful or steps == 0:
+        why = "stateful=True (the first step's new state would be lost)" if stateful else "steps=0"
+        raise ValueError(f"{call}: first is not supported with {why}; leave first=None.")
+    if not (isinstance(first, tuple) and len(first) == 2):
+        raise TypeError(f"{call}: first must be a pair (grads, loss), got {type(first).__name__}.")
+    grads, loss = first
+    if mt.structure(grads) != mt.structure(fast):
+        raise ValueError(
+            f"{call}: grads has leaves {mt.paths(grads)} but the adapted leaves are "
+            f"{mt.paths(fast)}; pass the gradient of exactly the leaves that adapt."
+        )
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+        raise ValueError(f"{call}: loss must be a scalar tensor (the support loss at params).")
 
 
 def _device(tree: Any) -> torch.device:

@@ -96,15 +96,81 @@ def _two_intra_op_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
+# on the per-task strategies MAML shares the first inner step across tasks by default
+# (shared_first_step); both ways are checked against the reference
+PER_TASK = [("loop", True), ("loop", False), ("vmap", True), ("threads", True), ("threads", False)]
+
+
+def takes_shared_path(alg, meta, monkeypatch, expected):
+    """Count the calls of MAML's shared-first-step path, and check it is taken as expected."""
+    calls = []
+    original = MAML._meta_grad_shared_first
+
+    def counted(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(MAML, "_meta_grad_shared_first", counted)
+    assert alg._shares_first_step(meta) == expected
+    return calls
+
+
+@pytest.mark.parametrize(("strategy", "shared"), PER_TASK)
 @pytest.mark.parametrize("cls", [MAML, FirstOrderMAML])
-def test_maml_and_first_order(gen, batch, strategy, cls):
-    alg = cls(conv4(3, hidden=6), inner_lr=LR, inner_steps=3, strategy=strategy)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_and_first_order(gen, batch, strategy, shared, cls, steps, monkeypatch):
+    alg = cls(
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, strategy=strategy,
+        shared_first_step=shared,
+    )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
+    calls = takes_shared_path(alg, meta, monkeypatch, shared and strategy != "vmap")
     ref = ref_meta_grad(
-        meta, batch, 3, lr=lambda leaves, k, n: LR, first_order=cls is FirstOrderMAML
+        meta, batch, steps, lr=lambda leaves, k, n: LR, first_order=cls is FirstOrderMAML
     )
     check(alg, meta, batch, ref)
+    assert len(calls) == int(shared and strategy != "vmap")
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads"])
+def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, monkeypatch):
+    """Only the head adapts: the first step's gradient covers the head, and the frozen body
+    still gets the second-order term through it."""
+    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy, trainable="head")
+    meta = alg.init(gen, dtype=torch.float64)
+    calls = takes_shared_path(alg, meta, monkeypatch, True)
+    ref = ref_meta_grad(
+        meta, batch, 2, lr=lambda leaves, k, n: LR, adapt_keys=["head.weight", "head.bias"]
+    )
+    check(alg, meta, batch, ref)
+    assert calls == [1]
+
+
+def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
+    """Inside a torch.func transform, or with leaves already requiring grad, meta_grad takes
+    the generic path, which composes; the result is the same."""
+    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy="loop")
+    meta = alg.init(gen, dtype=torch.float64)
+    assert alg._shares_first_step(meta)
+    assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta)
+    assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta)
+    assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta)
+    needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
+    assert not alg._shares_first_step(needs)
+    with torch.no_grad():
+        assert alg._shares_first_step(needs)
+    # after the shared step, 'auto' runs a one-step MAML's query passes as a loop (2 intra-op
+    # threads per query batch), a longer inner loop's tasks on threads
+    cpu = torch.device("cpu")
+    assert dataclasses.replace(alg, strategy="auto", inner_steps=1)._rest_strategy(cpu) == "loop"
+    assert dataclasses.replace(alg, strategy="auto")._rest_strategy(cpu) == "threads"
+    assert dataclasses.replace(alg, strategy="threads", inner_steps=1)._rest_strategy(cpu) == (
+        "threads"
+    )
+    expected, _, _ = alg.meta_grad(meta, batch)
+    # the meta-gradient of the meta-loss, taken by torch.func.grad around meta_loss
+    outer = torch.func.grad(lambda m: alg.meta_loss(m, batch)[0])(meta)
+    assert tree.allclose(outer, expected, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
@@ -117,9 +183,12 @@ def test_anil(gen, batch, strategy):
     check(alg, meta, batch, ref)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
-def test_meta_sgd(gen, batch, strategy):
-    alg = MetaSGD(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy)
+@pytest.mark.parametrize(("strategy", "shared"), PER_TASK)
+def test_meta_sgd(gen, batch, strategy, shared):
+    alg = MetaSGD(
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy,
+        shared_first_step=shared,
+    )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
     # distinct per-entry rates, so a mix-up of leaves cannot pass
     meta["lr"] = {

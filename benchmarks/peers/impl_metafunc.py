@@ -8,7 +8,9 @@ default strategy with ``MAML(checkpoint=True)``: memory flat in the number of in
 ``MAML.compiled_meta_grad``, one task per graph on the CPU; the untimed warm-up iteration pays
 for the compilation). On the CPU every variant calls ``metafunc.tune_cpu_allocator()`` first,
 as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default strategy with the C
-library's allocator settings, to time what the tuning changes in the same run).
+library's allocator settings, to time what the tuning changes in the same run) and
+``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
+first inner step computed on its own, as before the tasks' shared first step was batched).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ STRATEGIES = {
     "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps
     "metafunc-compile": "auto",  # with torch.compile of the whole meta-gradient
     "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
+    "metafunc-unshared": "auto",  # MAML(shared_first_step=False): each task's first step alone
 }
 
 
@@ -61,6 +64,7 @@ class MetafuncPeer:
             first_order=spec.first_order, strategy=STRATEGIES[variant],
             chunk_size=8 if variant == "metafunc-chunked" else None,
             checkpoint=variant == "metafunc-checkpoint",
+            shared_first_step=variant != "metafunc-unshared",
         )  # fmt: skip
         compiled = variant == "metafunc-compile"
         self.meta_grad = self.alg.compiled_meta_grad() if compiled else self.alg.meta_grad

@@ -58,6 +58,7 @@ IMPLS: dict[str, str] = {
     "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
     "metafunc-compile": "benchmarks.peers.impl_metafunc",
     "metafunc-malloc-default": "benchmarks.peers.impl_metafunc",
+    "metafunc-unshared": "benchmarks.peers.impl_metafunc",
 }
 
 

@@ -3,24 +3,28 @@ first-order MAML, ANIL and Meta-SGD."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, cast
 
+import optree
 import torch
 import torch.nn.functional as F
 
 from metafunc import tree as mt
-from metafunc._transforms import under_grad
+from metafunc._transforms import any_transform, under_grad
 from metafunc.algorithms.base import (
     Algorithm,
+    Result,
     check_common,
     check_lr,
     check_steps,
+    gradient,
     loss_fn_of,
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import adapt, task_map
+from metafunc.inner import adapt, default_strategy, run_tasks, task_map, task_workers
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, apply_updates, sgd
 
@@ -38,6 +42,17 @@ class MAML(Algorithm):
 
     Omniglot 5-way 1-shot: ``MAML(conv4(5), inner_lr=0.4, inner_steps=1)``, meta-batch 32, Adam
     1e-3; sinusoid: ``MAML(mlp(), inner_lr=0.01, loss='mse')``.
+
+    ``shared_first_step``: every task's first inner step starts from the same parameters, so on
+    the per-task strategies (``'loop'``, ``'threads'``) :meth:`meta_grad` computes all the tasks'
+    first support gradients in one ``torch.func.vmap``, where the task axis folds into the
+    batch of each convolution (the meta-parameters are not mapped), and runs the rest of each
+    task's inner loop and its query loss per task; the second-order term of the first step is
+    then one batched backward. The same gradients (tested in float64); on a 2-core CPU, 1.29x
+    faster for Omniglot 5-way 1-shot, where the small per-task support passes dominated. It
+    keeps every task's first-step graph alive at once (small: the support sets); ``False``
+    runs the whole inner loop per task. ``'vmap'`` and ``'chunked'`` share the first step
+    anyway.
     """
 
     model: Model
@@ -49,6 +64,9 @@ class MAML(Algorithm):
     strategy: str = "auto"
     chunk_size: int | None = None
     checkpoint: bool = False
+    shared_first_step: bool = True
+    # tasks whose first-step graph the second-order term of the shared first step holds at once
+    SHARED_STEP_TASKS: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -99,10 +117,17 @@ class MAML(Algorithm):
     def task_loss(
         self, meta_params: dict[str, Any], task: TaskBatch, iteration: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self._query_loss(meta_params, task, iteration, None)
+
+    def _query_loss(
+        self, meta_params: dict[str, Any], task: TaskBatch, iteration: int, first: Any
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`task_loss`, the first inner step taken with ``first = (grads, loss)`` when
+        given (see :func:`metafunc.inner.adapt`)."""
         inner = self.inner_loop(
             meta_params, self.inner_steps, first_order=self.first_order_at(iteration)
         )
-        adapted, _ = inner(meta_params["params"], task)
+        adapted, _ = inner(meta_params["params"], task, first=first)
         preds = self.predict(adapted, task)
         return loss_fn_of(self.loss)(preds, task.query_y), task_metrics(
             self.loss, preds, task.query_y
@@ -194,6 +219,12 @@ class MAML(Algorithm):
         """The gradient of :meth:`meta_loss`; with ``checkpoint=True`` by
         :meth:`checkpointed_task_grad` per task (same value, memory flat in ``inner_steps``)."""
         if not self.checkpoint:
+            if self._shares_first_step(meta_params):
+                mt.validate(
+                    meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
+                    name="meta_params",
+                )  # fmt: skip
+                return self._meta_grad_shared_first(meta_params, batch, iteration)
             return super().meta_grad(meta_params, batch, iteration=iteration)
         mt.validate(
             meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
@@ -204,6 +235,135 @@ class MAML(Algorithm):
         )(meta_params, batch)
         mean = mt.map(lambda g: g.mean(0), grads)
         return mean, losses.mean(), {k: v.mean() for k, v in metrics.items()}
+
+    def _shares_first_step(self, meta_params: Any) -> bool:
+        """Whether :meth:`meta_grad` takes the tasks' first inner step at once (the class
+        docstring's ``shared_first_step``): on the per-task strategies, for the algorithms
+        whose inner loop is :meth:`inner_loop` over the whole task (MAML, first-order MAML,
+        Meta-SGD), called at the top level (not inside a ``torch.func`` transform, under
+        ``torch.compile`` or with leaves already requiring grad, where the generic path
+        composes)."""
+        if not self.shared_first_step or self.checkpoint:
+            return False
+        own = type(self)
+        if own.task_loss is not MAML.task_loss or own.inner_loop is not MAML.inner_loop:
+            return False
+        if any_transform() or torch.compiler.is_compiling():
+            return False
+        leaves = mt.leaves(meta_params)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
+            return False
+        device = leaves[0].device if leaves else torch.device("cpu")
+        chosen = default_strategy(device) if self.strategy == "auto" else self.strategy
+        return chosen in ("loop", "threads")
+
+    def _meta_grad_shared_first(
+        self, meta_params: Any, batch: TaskBatch, iteration: int
+    ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
+        """:meth:`meta_grad` with every task's first support gradient from one ``vmap``.
+
+        The meta-loss is ``mean_t L_t(theta, g_t(theta))`` with ``g_t`` task t's first support
+        gradient. Its gradient is the per-task partials with ``g_t`` held as an input (the
+        tasks run as the strategy runs them, one graph per task) plus, second order, the
+        vector-Jacobian product of the batched ``g`` with the stacked partials. The first
+        pass computes ``g`` without a graph; the product recomputes it with one. Both go
+        :attr:`SHARED_STEP_TASKS` tasks at a time, so the support passes of all tasks are never
+        in memory at once."""
+        first_order = self.first_order_at(iteration)
+        where = self.trainable
+        flat, spec = optree.tree_flatten(meta_params)
+        inputs = [x.detach().requires_grad_(not first_order) for x in flat]
+
+        def first_step(leaves: list[torch.Tensor], tasks: TaskBatch) -> tuple[Any, torch.Tensor]:
+            params: Any = spec.unflatten(leaves)["params"]
+            if where is None:
+                fast, frozen, pspec = params, None, None
+            else:
+                fast, frozen, pspec = mt.partition(params, where)
+
+            def support(f: Any, task: TaskBatch) -> torch.Tensor:
+                full = f if pspec is None else mt.combine(f, frozen, pspec)
+                return self.support_loss(full, task)
+
+            grad = torch.func.grad_and_value(support)
+            return torch.func.vmap(grad, in_dims=(None, 0))(fast, tasks)
+
+        tasks = batch.num_tasks
+        chunks = [
+            (start, min(start + self.SHARED_STEP_TASKS, tasks))
+            for start in range(0, tasks, self.SHARED_STEP_TASKS)
+        ]
+
+        def chunk(start: int, stop: int) -> TaskBatch:
+            return TaskBatch(*(f[start:stop] for f in batch))
+
+        with torch.no_grad():
+            firsts = [first_step(inputs, chunk(*c)) for c in chunks]
+        held = mt.map(lambda *xs: torch.cat(xs), *[f[0] for f in firsts])
+        loss0 = torch.cat([f[1] for f in firsts])
+        del firsts
+        device = inputs[0].device
+        size = self.tasks_per_graph(tasks, device)
+
+        def piece_grad(start: int) -> Any:
+            stop = min(start + size, tasks)
+            piece = TaskBatch(*(f[start:stop] for f in batch))
+            g_piece = mt.map(lambda g: g[start:stop], held)
+
+            def objective(tree: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                m, g = tree if not first_order else (tree, g_piece)
+                losses, metrics = self._map_with_first(
+                    lambda mp_, t, g_, l_: self._query_loss(mp_, t, iteration, (g_, l_))
+                )(m, piece, g, loss0[start:stop])
+                return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+
+            tree = meta_params if first_order else (meta_params, g_piece)
+            return stop - start, gradient(objective, mt.detach(tree))
+
+        total: list[torch.Tensor] = []
+        out_spec = None
+        g_parts: list[Any] = []
+        calls = [functools.partial(piece_grad, s) for s in range(0, tasks, size)]
+        for n, (grads, loss, metrics) in run_tasks(
+            calls, task_workers(self._rest_strategy(device), device)
+        ):
+            if not first_order:
+                grads, g_grad = grads
+                g_parts.append(mt.map(lambda x, w=n / tasks: x * w, g_grad))
+            part = list(torch._foreach_mul(mt.leaves((grads, loss, metrics)), n / tasks))
+            if out_spec is None:
+                total, out_spec = part, mt.structure((grads, loss, metrics))
+            else:
+                torch._foreach_add_(total, part)
+        assert out_spec is not None
+        grads, loss, metrics = cast(Result, out_spec.unflatten(total))
+        if first_order:
+            return grads, loss, metrics
+        cotangent = mt.leaves(mt.map(lambda *xs: torch.cat(xs), *g_parts))
+        del g_parts
+        out = mt.leaves(grads)
+        for start, stop in chunks:
+            with torch.enable_grad():
+                g0, _ = first_step(inputs, chunk(start, stop))
+            through = torch.autograd.grad(
+                mt.leaves(g0), inputs, [c[start:stop] for c in cotangent], allow_unused=True
+            )
+            out = [g if t is None else g + t for g, t in zip(out, through, strict=True)]
+        return cast(Any, spec.unflatten(out)), loss, metrics
+
+    def _rest_strategy(self, device: torch.device) -> str:
+        """How the tasks run after the shared first step: as ``strategy`` says; for ``'auto'``
+        on the CPU, ``'loop'`` when that step was the whole inner loop (``inner_steps=1``: what
+        is left per task is the query pass, a batch that intra-op threads split well; measured
+        1.2-1.3x faster than ``'threads'`` at Omniglot 5-way 1-shot on 2 cores), otherwise the
+        device's rule (``'threads'``: the later inner steps are small support passes)."""
+        if self.strategy == "auto" and self.inner_steps == 1:
+            return "loop"
+        return default_strategy(device) if self.strategy == "auto" else self.strategy
+
+    def _map_with_first(self, fn: Any) -> Any:
+        # one piece's tasks, in turn (the pieces themselves run as the strategy runs them)
+        return task_map(fn, strategy="loop", in_dims=(None, 0, 0, 0))
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
