@@ -136,7 +136,10 @@ def test_maml_and_first_order(gen, batch, strategy, shared, cls, steps, monkeypa
 def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, monkeypatch):
     """Only the head adapts: the first step's gradient covers the head, and the frozen body
     still gets the second-order term through it."""
-    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy, trainable="head")
+    alg = MAML(
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy, trainable="head",
+        shared_first_step=True,
+    )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
     calls = takes_shared_path(alg, meta, monkeypatch, True)
     ref = ref_meta_grad(
@@ -155,6 +158,12 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta)
     assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta)
     assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta)
+    # the default (None) shares it where the tasks then run in turn: 'loop', and 'auto' on the
+    # CPU for a one-step inner loop; True also under 'threads'
+    for strategy, steps, shares in [("threads", 2, False), ("auto", 1, True), ("auto", 2, False)]:
+        other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
+        assert other._shares_first_step(meta) == shares, (strategy, steps)
+        assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta)
     needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
     assert not alg._shares_first_step(needs)
     with torch.no_grad():

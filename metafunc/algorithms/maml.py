@@ -43,16 +43,19 @@ class MAML(Algorithm):
     Omniglot 5-way 1-shot: ``MAML(conv4(5), inner_lr=0.4, inner_steps=1)``, meta-batch 32, Adam
     1e-3; sinusoid: ``MAML(mlp(), inner_lr=0.01, loss='mse')``.
 
-    ``shared_first_step``: every task's first inner step starts from the same parameters, so on
-    the per-task strategies (``'loop'``, ``'threads'``) :meth:`meta_grad` computes all the tasks'
-    first support gradients in one ``torch.func.vmap``, where the task axis folds into the
-    batch of each convolution (the meta-parameters are not mapped), and runs the rest of each
-    task's inner loop and its query loss per task; the second-order term of the first step is
-    then one batched backward. The same gradients (tested in float64); on a 2-core CPU, 1.29x
-    faster for Omniglot 5-way 1-shot, where the small per-task support passes dominated. It
-    keeps every task's first-step graph alive at once (small: the support sets); ``False``
-    runs the whole inner loop per task. ``'vmap'`` and ``'chunked'`` share the first step
-    anyway.
+    ``shared_first_step``: every task's first inner step starts from the same parameters, so
+    :meth:`meta_grad` can compute all the tasks' first support gradients in one
+    ``torch.func.vmap`` with the meta-parameters unmapped, where the task axis folds into the
+    batch of each convolution (dense kernels, not the grouped ones of a mapped model), then
+    run the rest of each task's inner loop and its query loss per task; the second-order term
+    of the first step is a batched vector-Jacobian product. The same gradients (tested in
+    float64). ``True`` does so on the per-task strategies (``'loop'``, ``'threads'``);
+    ``None`` (the default) where it measured faster on a 2-core CPU, when the tasks then run
+    one after another: ``'loop'``, and ``'auto'`` on the CPU with ``inner_steps=1``, which
+    then runs its tasks' query passes as ``'loop'`` (Omniglot 5-way 1-shot, in one process:
+    1.0-1.25x the per-task loop, depending on the hour); ``'threads'`` gained nothing from it
+    and ``'auto'`` with more inner steps keeps ``'threads'`` without it. ``False`` never.
+    ``'vmap'`` and ``'chunked'`` share the first step anyway.
     """
 
     model: Model
@@ -64,7 +67,7 @@ class MAML(Algorithm):
     strategy: str = "auto"
     chunk_size: int | None = None
     checkpoint: bool = False
-    shared_first_step: bool = True
+    shared_first_step: bool | None = None
     # tasks whose first-step graph the second-order term of the shared first step holds at once
     SHARED_STEP_TASKS: ClassVar[int] = 8
 
@@ -238,12 +241,11 @@ class MAML(Algorithm):
 
     def _shares_first_step(self, meta_params: Any) -> bool:
         """Whether :meth:`meta_grad` takes the tasks' first inner step at once (the class
-        docstring's ``shared_first_step``): on the per-task strategies, for the algorithms
-        whose inner loop is :meth:`inner_loop` over the whole task (MAML, first-order MAML,
-        Meta-SGD), called at the top level (not inside a ``torch.func`` transform, under
-        ``torch.compile`` or with leaves already requiring grad, where the generic path
-        composes)."""
-        if not self.shared_first_step or self.checkpoint:
+        docstring's ``shared_first_step``), for the algorithms whose inner loop is
+        :meth:`inner_loop` over the whole task (MAML, first-order MAML, Meta-SGD), called at the
+        top level (not inside a ``torch.func`` transform, under ``torch.compile`` or with leaves
+        already requiring grad, where the generic path composes)."""
+        if self.shared_first_step is False or self.checkpoint:
             return False
         own = type(self)
         if own.task_loss is not MAML.task_loss or own.inner_loop is not MAML.inner_loop:
@@ -253,9 +255,8 @@ class MAML(Algorithm):
         leaves = mt.leaves(meta_params)
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
-        device = leaves[0].device if leaves else torch.device("cpu")
-        chosen = default_strategy(device) if self.strategy == "auto" else self.strategy
-        return chosen in ("loop", "threads")
+        rest = self._rest_strategy(leaves[0].device if leaves else torch.device("cpu"))
+        return rest == "loop" if self.shared_first_step is None else rest in ("loop", "threads")
 
     def _meta_grad_shared_first(
         self, meta_params: Any, batch: TaskBatch, iteration: int
@@ -352,14 +353,13 @@ class MAML(Algorithm):
         return cast(Any, spec.unflatten(out)), loss, metrics
 
     def _rest_strategy(self, device: torch.device) -> str:
-        """How the tasks run after the shared first step: as ``strategy`` says; for ``'auto'``
-        on the CPU, ``'loop'`` when that step was the whole inner loop (``inner_steps=1``: what
-        is left per task is the query pass, a batch that intra-op threads split well; measured
-        1.2-1.3x faster than ``'threads'`` at Omniglot 5-way 1-shot on 2 cores), otherwise the
-        device's rule (``'threads'``: the later inner steps are small support passes)."""
-        if self.strategy == "auto" and self.inner_steps == 1:
-            return "loop"
-        return default_strategy(device) if self.strategy == "auto" else self.strategy
+        """How the tasks run after a shared first step: as ``strategy`` says; ``'auto'`` on the
+        CPU with ``inner_steps=1`` as ``'loop'`` (what is left per task is its query pass, a
+        batch intra-op threads split well), otherwise by the device's rule."""
+        if self.strategy != "auto":
+            return self.strategy
+        chosen = default_strategy(device)
+        return "loop" if chosen == "threads" and self.inner_steps == 1 else chosen
 
     def _map_with_first(self, fn: Any) -> Any:
         # one piece's tasks, in turn (the pieces themselves run as the strategy runs them)
