@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metafunc import TaskBatch, conv4, mlp, optim, tree
+from metafunc import TaskBatch, conv4, from_module, mlp, optim, tree
 from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, MAMLPlusPlus, MetaSGD
 from metafunc.algorithms.mamlpp import msl_weights
 
@@ -164,6 +164,11 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
         other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
         assert other._shares_first_step(meta) == shares, (strategy, steps)
         assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta)
+    # ... and only for a model known exact under vmap: from_module's stay per task unless asked
+    unknown = dataclasses.replace(alg, model=dataclasses.replace(alg.model, vmap_exact=False))
+    assert not unknown._shares_first_step(meta)
+    assert dataclasses.replace(unknown, shared_first_step=True)._shares_first_step(meta)
+    assert not from_module(torch.nn.Linear(3, 2)).vmap_exact and alg.model.vmap_exact
     needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
     assert not alg._shares_first_step(needs)
     with torch.no_grad():

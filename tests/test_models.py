@@ -278,3 +278,41 @@ def test_from_module_norms_exact_under_vmap(gen, norm):
         task_loss, model.init(), batch, strategies=("vmap", "chunked"), chunk_size=2, rtol=1e-10
     )
     assert max(errors.values()) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["conv4-stride", "conv4-maxpool", "resnet12", "mlp"])
+def test_native_models_are_vmap_exact(gen, name):
+    """What ``Model.vmap_exact`` promises for metafunc's own models (MAML then batches their
+    tasks' shared first step under vmap even on the 'loop' strategy): a second-order inner
+    loop's gradient under vmap equals the per-task loop's, in float64."""
+    from metafunc import check_strategies
+
+    model, x = {
+        "conv4-stride": (conv4(3, hidden=6), torch.randn(3, 6, 1, 28, 28, generator=gen)),
+        "conv4-maxpool": (
+            conv4(3, in_channels=3, hidden=6, pooling="maxpool", image_size=32),
+            torch.randn(3, 6, 3, 32, 32, generator=gen),
+        ),
+        "resnet12": (
+            resnet12(3, channels=(4, 6, 8, 10)),
+            torch.randn(3, 6, 3, 16, 16, generator=gen),
+        ),
+        "mlp": (mlp((5, 8, 3)), torch.randn(3, 6, 5, generator=gen)),
+    }[name]
+    assert model.vmap_exact
+    x = x.double()
+    y = torch.arange(3).repeat(2).expand(3, 6).clone()
+    batch = TaskBatch(x, y, x.flip(1), y)
+
+    def loss_fn(p, t):
+        return F.cross_entropy(model.apply(p, t.support_x), t.support_y)
+
+    inner = adapt(loss_fn, optim.sgd(0.3), 2)
+
+    def task_loss(p, t):
+        return F.cross_entropy(model.apply(inner(p, t)[0], t.query_x), t.query_y)
+
+    errors = check_strategies(
+        task_loss, model.init(gen, dtype=torch.float64), batch, strategies=("vmap",), rtol=1e-10
+    )
+    assert max(errors.values()) <= 1e-10

@@ -10,7 +10,8 @@ for the compilation). On the CPU every variant calls ``metafunc.tune_cpu_allocat
 as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default strategy with the C
 library's allocator settings, to time what the tuning changes in the same run) and
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
-first inner step computed on its own, as before the tasks' shared first step was batched).
+first inner step computed on its own, as before the tasks' shared first step was batched; the
+other variants keep MAML's default, ``None``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class MetafuncPeer:
             first_order=spec.first_order, strategy=STRATEGIES[variant],
             chunk_size=8 if variant == "metafunc-chunked" else None,
             checkpoint=variant == "metafunc-checkpoint",
-            shared_first_step=variant != "metafunc-unshared",
+            shared_first_step=False if variant == "metafunc-unshared" else None,
         )  # fmt: skip
         compiled = variant == "metafunc-compile"
         self.meta_grad = self.alg.compiled_meta_grad() if compiled else self.alg.meta_grad

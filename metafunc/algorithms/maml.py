@@ -53,9 +53,12 @@ class MAML(Algorithm):
     ``None`` (the default) where it measured faster on a 2-core CPU, when the tasks then run
     one after another: ``'loop'``, and ``'auto'`` on the CPU with ``inner_steps=1``, which
     then runs its tasks' query passes as ``'loop'`` (Omniglot 5-way 1-shot, in one process:
-    1.0-1.25x the per-task loop, depending on the hour); ``'threads'`` gained nothing from it
-    and ``'auto'`` with more inner steps keeps ``'threads'`` without it. ``False`` never.
-    ``'vmap'`` and ``'chunked'`` share the first step anyway.
+    1.0-1.25x the per-task loop, depending on the hour); ``'threads'`` gained less from it
+    and ``'auto'`` with more inner steps keeps ``'threads'`` without it. ``None`` shares only
+    for a model known to be exact under ``vmap`` (``Model.vmap_exact``: metafunc's own
+    models, not :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that
+    ``'loop'`` stays the safe reference for them); ``True`` asserts it for any model. ``False``
+    never. ``'vmap'`` and ``'chunked'`` share the first step anyway.
     """
 
     model: Model
@@ -256,7 +259,9 @@ class MAML(Algorithm):
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
         rest = self._rest_strategy(leaves[0].device if leaves else torch.device("cpu"))
-        return rest == "loop" if self.shared_first_step is None else rest in ("loop", "threads")
+        if self.shared_first_step is None:
+            return rest == "loop" and self.model.vmap_exact
+        return rest in ("loop", "threads")
 
     def _meta_grad_shared_first(
         self, meta_params: Any, batch: TaskBatch, iteration: int

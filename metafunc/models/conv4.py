@@ -123,4 +123,5 @@ def conv4(
         features=features,
         head="head" if num_classes is not None else None,
         name=f"conv4-{hidden}-{pooling}",
+        vmap_exact=True,
     )

@@ -72,5 +72,11 @@ def mlp(
         return {}
 
     return Model(
-        init_fn, apply, init_state, features=features, head="head", name=f"mlp{tuple(sizes)}"
+        init_fn,
+        apply,
+        init_state,
+        features=features,
+        head="head",
+        name=f"mlp{tuple(sizes)}",
+        vmap_exact=True,
     )

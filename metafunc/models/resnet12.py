@@ -115,4 +115,5 @@ def resnet12(
         features=features,
         head="head" if num_classes is not None else None,
         name=f"resnet12-{'-'.join(map(str, channels))}",
+        vmap_exact=True,
     )
