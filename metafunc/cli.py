@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
         help="run a speed/memory benchmark from the source checkout's benchmarks/ folder",
         description="Runs benchmarks/<script> with the remaining arguments: peers (metafunc vs "
         "learn2learn, higher, TorchOpt, plain loops; --check for gradient agreement), memory "
-        "(peak memory vs inner steps), sampler (episode sampling), reproduce (paper presets).",
+        "(peak memory vs inner steps), sampler (episode sampling), strategies (metafunc's "
+        "task-parallel variants against a plain loop, in one process), reproduce (paper presets).",
     )
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--help)")
@@ -175,6 +176,7 @@ BENCHMARKS = {
     "precision": "bench_precision.py",
     "memory": "bench_memory.py",
     "sampler": "bench_sampler.py",
+    "strategies": "bench_strategies.py",
     "reproduce": "reproduce.py",
 }
 

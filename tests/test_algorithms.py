@@ -152,15 +152,16 @@ def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, monkeyp
 def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     """Inside a torch.func transform, or with leaves already requiring grad, meta_grad takes
     the generic path, which composes; the result is the same."""
-    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy="loop")
+    alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=1, strategy="loop")
     meta = alg.init(gen, dtype=torch.float64)
     assert alg._shares_first_step(meta)
     assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta)
     assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta)
     assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta)
-    # the default (None) shares it where the tasks then run in turn: 'loop', and 'auto' on the
-    # CPU for a one-step inner loop; True also under 'threads'
-    for strategy, steps, shares in [("threads", 2, False), ("auto", 1, True), ("auto", 2, False)]:
+    # the default (None) shares it for a one-step inner loop whose tasks then run in turn:
+    # 'loop', and 'auto' on the CPU; True also under 'threads' and for more steps
+    cases = [("threads", 1, False), ("loop", 2, False), ("auto", 1, True), ("auto", 2, False)]
+    for strategy, steps, shares in cases:
         other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
         assert other._shares_first_step(meta) == shares, (strategy, steps)
         assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta)
@@ -177,7 +178,7 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     # threads per query batch), a longer inner loop's tasks on threads
     cpu = torch.device("cpu")
     assert dataclasses.replace(alg, strategy="auto", inner_steps=1)._rest_strategy(cpu) == "loop"
-    assert dataclasses.replace(alg, strategy="auto")._rest_strategy(cpu) == "threads"
+    assert dataclasses.replace(alg, strategy="auto", inner_steps=2)._rest_strategy(cpu) == "threads"
     assert dataclasses.replace(alg, strategy="threads", inner_steps=1)._rest_strategy(cpu) == (
         "threads"
     )

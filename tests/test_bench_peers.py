@@ -198,3 +198,21 @@ def test_inputs_are_deterministic_and_checked(tmp_path: Path) -> None:
         load_init(a.replace(hidden=4), cpu, f64)
     with pytest.raises(ValueError, match="pooling"):
         a.replace(pooling="avg")
+
+
+def test_bench_strategies_times_every_variant_in_turn(tmp_path, capsys):
+    """benchmarks/bench_strategies.py on a tiny conv4: every variant timed each round, the
+    table printed and the JSON written; a bad variant is refused."""
+    from benchmarks import bench_strategies
+
+    out = tmp_path / "s.json"
+    args = ["--ways", "2", "--meta-batch", "2", "--hidden", "4", "--rounds", "2", "--out", str(out)]
+    assert bench_strategies.main(args) == 0
+    result = json.loads(out.read_text())
+    names = [row["variant"] for row in result["rows"]]
+    assert names == ["plain", *bench_strategies.VARIANTS]
+    assert all(len(row["times_s"]) == 2 and row["median_s"] > 0 for row in result["rows"])
+    assert result["rows"][0]["plain_over_this"] == 1.0
+    assert "plain / this" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_strategies.main([*args, "--variants", "plain,nope"])

@@ -50,11 +50,13 @@ class MAML(Algorithm):
     run the rest of each task's inner loop and its query loss per task; the second-order term
     of the first step is a batched vector-Jacobian product. The same gradients (tested in
     float64). ``True`` does so on the per-task strategies (``'loop'``, ``'threads'``);
-    ``None`` (the default) where it measured faster on a 2-core CPU, when the tasks then run
-    one after another: ``'loop'``, and ``'auto'`` on the CPU with ``inner_steps=1``, which
-    then runs its tasks' query passes as ``'loop'`` (Omniglot 5-way 1-shot, in one process:
-    1.0-1.25x the per-task loop, depending on the hour); ``'threads'`` gained less from it
-    and ``'auto'`` with more inner steps keeps ``'threads'`` without it. ``None`` shares only
+    ``None`` (the default) where it measured faster on a 2-core CPU: a one-step inner loop
+    whose tasks then run one after another, under ``'loop'`` or ``'auto'`` on the CPU (which
+    then runs the query passes as ``'loop'``; Omniglot 5-way 1-shot, in one process:
+    1.0-1.25x the per-task loop, depending on the hour). ``'threads'`` gained less from it, and
+    with more inner steps it was within the noise (20-way, 5 steps, ``'loop'``: 3.59 s against
+    3.10 s in one run, 3.67 s against 3.77 s in another), so ``'auto'`` keeps ``'threads'``
+    without it there. ``None`` shares only
     for a model known to be exact under ``vmap`` (``Model.vmap_exact``: metafunc's own
     models, not :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that
     ``'loop'`` stays the safe reference for them); ``True`` asserts it for any model. ``False``
@@ -260,7 +262,7 @@ class MAML(Algorithm):
             return False
         rest = self._rest_strategy(leaves[0].device if leaves else torch.device("cpu"))
         if self.shared_first_step is None:
-            return rest == "loop" and self.model.vmap_exact
+            return rest == "loop" and self.inner_steps == 1 and self.model.vmap_exact
         return rest in ("loop", "threads")
 
     def _meta_grad_shared_first(
