@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 import torch
@@ -135,33 +135,40 @@ def gradient(
 Result = tuple[Any, torch.Tensor, dict[str, torch.Tensor]]
 
 
+def weighted_sum(parts: Iterable[tuple[float, Any]]) -> Any:
+    """``sum(w * tree)`` over ``(w, tree)`` pairs of trees of tensors with one structure, added
+    in the order given (so the result does not depend on which thread finished first), each
+    tree dropped once added. A whole tree is scaled and added with one call each (the calling
+    thread holds the GIL for a quarter less time per meta-batch than leaf by leaf)."""
+    total: list[torch.Tensor] = []
+    spec = None
+    for weight, tree in parts:
+        part = list(torch._foreach_mul(mt.leaves(tree), weight))
+        if spec is None:
+            total, spec = part, mt.structure(tree)
+        else:
+            torch._foreach_add_(total, part)
+    if spec is None:
+        raise ValueError("weighted_sum(parts): parts is empty.")
+    return spec.unflatten(total)
+
+
 def mean_over_pieces(
     fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: int, workers: int = 1
 ) -> Result:
     """``fn(batch)`` for ``fn(batch) -> (grads, loss, metrics)`` that averages over tasks,
-    computed on pieces of ``size`` tasks and averaged by task count: the same value, with one
-    piece's graph alive at a time, or ``workers`` pieces at once on CPU threads
-    (:func:`metafunc.inner.run_tasks`). The pieces are summed in order, so the result does not
-    depend on which thread finished first."""
+    computed on pieces of ``size`` tasks and averaged by task count (:func:`weighted_sum`): the
+    same value, with one piece's graph alive at a time, or ``workers`` pieces at once on CPU
+    threads (:func:`metafunc.inner.run_tasks`)."""
     tasks = batch.num_tasks
     if size >= tasks:
         return fn(batch)
     pieces = [
         TaskBatch(*(f[start : start + size] for f in batch)) for start in range(0, tasks, size)
     ]
-    total: list[torch.Tensor] = []
-    spec = None
     results = run_tasks([functools.partial(fn, piece) for piece in pieces], workers)
-    for piece, result in zip(pieces, results, strict=True):  # each result dropped once added
-        # the whole result is one tree of tensors, scaled and added with one call each (the
-        # calling thread holds the GIL for a quarter less time per meta-batch than leaf by leaf)
-        part = list(torch._foreach_mul(mt.leaves(result), piece.num_tasks / tasks))
-        if spec is None:
-            total, spec = part, mt.structure(result)
-        else:
-            torch._foreach_add_(total, part)
-    assert spec is not None
-    return cast(Result, spec.unflatten(total))
+    weights = [piece.num_tasks / tasks for piece in pieces]
+    return cast(Result, weighted_sum(zip(weights, results, strict=True)))
 
 
 def _static(batch: TaskBatch) -> TaskBatch:

@@ -4,6 +4,7 @@ first-order MAML, ANIL and Meta-SGD."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -22,9 +23,17 @@ from metafunc.algorithms.base import (
     gradient,
     loss_fn_of,
     task_metrics,
+    weighted_sum,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import adapt, default_strategy, run_tasks, task_map, task_workers
+from metafunc.inner import (
+    _device,
+    adapt,
+    default_strategy,
+    run_tasks,
+    task_map,
+    task_workers,
+)
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, apply_updates, sgd
 
@@ -260,7 +269,7 @@ class MAML(Algorithm):
         leaves = mt.leaves(meta_params)
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
-        rest = self._rest_strategy(leaves[0].device if leaves else torch.device("cpu"))
+        rest = self._rest_strategy(_device(meta_params))
         if self.shared_first_step is None:
             return rest == "loop" and self.inner_steps == 1 and self.model.vmap_exact
         return rest in ("loop", "threads")
@@ -282,7 +291,9 @@ class MAML(Algorithm):
         flat, spec = optree.tree_flatten(meta_params)
         inputs = [x.detach().requires_grad_(not first_order) for x in flat]
 
-        def first_step(leaves: list[torch.Tensor], tasks: TaskBatch) -> tuple[Any, torch.Tensor]:
+        def first_step(
+            leaves: list[torch.Tensor], tasks: TaskBatch, chunk_size: int | None = None
+        ) -> tuple[Any, torch.Tensor]:
             params: Any = spec.unflatten(leaves)["params"]
             if where is None:
                 fast, frozen, pspec = params, None, None
@@ -294,28 +305,20 @@ class MAML(Algorithm):
                 return self.support_loss(full, task)
 
             grad = torch.func.grad_and_value(support)
-            return torch.func.vmap(grad, in_dims=(None, 0))(fast, tasks)
-
-        tasks = batch.num_tasks
-        chunks = [
-            (start, min(start + self.SHARED_STEP_TASKS, tasks))
-            for start in range(0, tasks, self.SHARED_STEP_TASKS)
-        ]
+            return torch.func.vmap(grad, in_dims=(None, 0), chunk_size=chunk_size)(fast, tasks)
 
         def chunk(start: int, stop: int) -> TaskBatch:
             return TaskBatch(*(f[start:stop] for f in batch))
 
+        tasks = batch.num_tasks
         with torch.no_grad():
-            firsts = [first_step(inputs, chunk(*c)) for c in chunks]
-        held = mt.map(lambda *xs: torch.cat(xs), *[f[0] for f in firsts])
-        loss0 = torch.cat([f[1] for f in firsts])
-        del firsts
+            held, loss0 = first_step(inputs, batch, self.SHARED_STEP_TASKS)
         device = inputs[0].device
         size = self.tasks_per_graph(tasks, device)
 
         def piece_grad(start: int) -> Any:
             stop = min(start + size, tasks)
-            piece = TaskBatch(*(f[start:stop] for f in batch))
+            piece = chunk(start, stop)
             g_piece = mt.map(lambda g: g[start:stop], held)
 
             def objective(tree: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -328,29 +331,25 @@ class MAML(Algorithm):
             tree = meta_params if first_order else (meta_params, g_piece)
             return stop - start, gradient(objective, mt.detach(tree))
 
-        total: list[torch.Tensor] = []
-        out_spec = None
-        g_parts: list[Any] = []
-        calls = [functools.partial(piece_grad, s) for s in range(0, tasks, size)]
-        for n, (grads, loss, metrics) in run_tasks(
-            calls, task_workers(self._rest_strategy(device), device)
-        ):
-            if not first_order:
-                grads, g_grad = grads
-                g_parts.append(mt.map(lambda x, w=n / tasks: x * w, g_grad))
-            part = list(torch._foreach_mul(mt.leaves((grads, loss, metrics)), n / tasks))
-            if out_spec is None:
-                total, out_spec = part, mt.structure((grads, loss, metrics))
-            else:
-                torch._foreach_add_(total, part)
-        assert out_spec is not None
-        grads, loss, metrics = cast(Result, out_spec.unflatten(total))
+        g_parts: list[Any] = []  # per piece: the first gradients' partials, weighted
+
+        def weighted() -> Iterator[tuple[float, Any]]:
+            calls = [functools.partial(piece_grad, s) for s in range(0, tasks, size)]
+            workers = task_workers(self._rest_strategy(device), device)
+            for n, (grads, loss, metrics) in run_tasks(calls, workers):
+                if not first_order:
+                    grads, g_grad = grads
+                    g_parts.append(mt.scale(n / tasks, g_grad))
+                yield n / tasks, (grads, loss, metrics)
+
+        grads, loss, metrics = cast(Result, weighted_sum(weighted()))
         if first_order:
             return grads, loss, metrics
         cotangent = mt.leaves(mt.map(lambda *xs: torch.cat(xs), *g_parts))
-        del g_parts
+        g_parts.clear()
         out = mt.leaves(grads)
-        for start, stop in chunks:
+        for start in range(0, tasks, self.SHARED_STEP_TASKS):
+            stop = min(start + self.SHARED_STEP_TASKS, tasks)
             with torch.enable_grad():
                 g0, _ = first_step(inputs, chunk(start, stop))
             through = torch.autograd.grad(
