@@ -9,7 +9,8 @@ Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the 
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on).
+on), and ``auto-nchw``, ``loop-nchw`` and ``threads-nchw`` (``conv4(channels_last=False)``: the
+default memory format; every other variant has conv4's default, channels-last on the CPU).
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
@@ -38,13 +39,16 @@ from metafunc import TaskBatch, tune_cpu_allocator
 from metafunc.algorithms import MAML
 from metafunc.models import conv4
 
-VARIANTS = {
-    "auto": ("auto", None),
-    "loop": ("loop", None),
-    "loop-unshared": ("loop", False),
-    "loop-shared": ("loop", True),
-    "threads": ("threads", None),
-    "threads-shared": ("threads", True),
+VARIANTS = {  # name: (strategy, shared_first_step, conv4's channels_last)
+    "auto": ("auto", None, None),
+    "auto-nchw": ("auto", None, False),
+    "loop": ("loop", None, None),
+    "loop-nchw": ("loop", None, False),
+    "loop-unshared": ("loop", False, None),
+    "loop-shared": ("loop", True, None),
+    "threads": ("threads", None, None),
+    "threads-nchw": ("threads", None, False),
+    "threads-shared": ("threads", True, None),
 }
 
 
@@ -98,14 +102,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     batch = tasks(args)
-    model = conv4(args.ways, hidden=args.hidden)
-    meta = {"params": model.init(torch.Generator().manual_seed(args.seed))}
+    meta = {
+        "params": conv4(args.ways, hidden=args.hidden).init(
+            torch.Generator().manual_seed(args.seed)
+        )
+    }
     calls: dict[str, Callable[[], Any]] = {
         "plain": lambda: plain(meta["params"], batch, args.steps, args.lr)
     }
     for name in names:
         if name != "plain":
-            strategy, shared = VARIANTS[name]
+            strategy, shared, channels_last = VARIANTS[name]
+            model = conv4(args.ways, hidden=args.hidden, channels_last=channels_last)
             alg = MAML(
                 model, inner_lr=args.lr, inner_steps=args.steps, strategy=strategy,
                 shared_first_step=shared,

@@ -82,7 +82,12 @@ def grad_with_aux(
     with torch.enable_grad():
         loss, aux = fn(spec.unflatten(inputs), *args)
         found = torch.autograd.grad(loss, inputs, create_graph=connected, allow_unused=True)
-    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, found, strict=True)]
+    # contiguous: a convolution on channels-last input returns its weight's gradient
+    # channels-last-strided (metafunc.models.base.conv2d on the CPU)
+    grads = [
+        torch.zeros_like(x) if g is None else g.contiguous()
+        for x, g in zip(leaves, found, strict=True)
+    ]
     return spec.unflatten(grads), aux
 
 

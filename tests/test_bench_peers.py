@@ -85,7 +85,14 @@ def test_plain_counts_the_flops_of_the_work(tmp_path: Path) -> None:
 )
 def test_plain_and_funcvmap_agree_in_process(tmp_path: Path, changes: dict) -> None:
     spec = prepare(tiny_spec(**changes), tmp_path, seed=1)
-    impls = ("plain", "funcvmap", "metafunc", "metafunc-vmap", "metafunc-checkpoint")
+    impls = (
+        "plain",
+        "funcvmap",
+        "metafunc",
+        "metafunc-nchw",
+        "metafunc-vmap",
+        "metafunc-checkpoint",
+    )
     results = {impl: run_peer.run(impl, spec, tmp_path / f"{impl}.grad.pt") for impl in impls}
     rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-8)}
     for impl in impls[1:]:

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metafunc import TaskBatch, adapt, conv4, from_module, mlp, optim, resnet12, task_map, tree
+from metafunc.inner import grad_with_aux
 from metafunc.models import batch_norm
+from metafunc.models.base import conv2d
 
 
 def count(params: dict[str, torch.Tensor]) -> int:
@@ -75,6 +77,99 @@ def test_bad_model_arguments():
         mlp((1,))
     with pytest.raises(ValueError, match="expected \\[batch, 1, H, W\\]"):
         conv4().apply(conv4().init(), torch.zeros(1, 28, 28))
+    for make in (conv4, resnet12):
+        with pytest.raises(ValueError, match=f"{make.__name__}\\(channels_last\\).*got 'yes'"):
+            make(channels_last="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory format
+# ---------------------------------------------------------------------------------------------
+
+CL = torch.channels_last
+
+
+def test_conv2d_layout_follows_channels_last_outside_transforms(gen):
+    x = torch.randn(4, 3, 9, 9, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    expected = F.conv2d(x, w, b, 2, 1)
+    for flag, cl in ((None, True), (True, True), (False, False)):
+        y = conv2d(x, w, b, 2, 1, channels_last=flag)
+        assert torch.allclose(y, expected, atol=1e-12)
+        assert y.is_contiguous(memory_format=CL) == cl and y.is_contiguous() != cl
+    # one input channel: a contiguous [N, 1, H, W] counts as channels-last-contiguous too, but
+    # only explicit channels-last strides make oneDNN keep the format for the next layer
+    y = conv2d(torch.randn(4, 1, 9, 9, generator=gen), w[:, :1].float(), padding=1)
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+    # under torch.func transforms the default layout is kept
+    y = torch.func.vmap(lambda t: conv2d(t, w, b, 2, 1))(x[None])[0]
+    assert torch.allclose(y, expected, atol=1e-12)
+    assert torch.func.grad(lambda t: conv2d(t, w, b, 2, 1).sum())(x).is_contiguous()
+
+
+def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
+    x = torch.randn(6, 4, 5, 5, generator=gen, dtype=torch.float64) * 3 + 1
+    weight = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(4, generator=gen, dtype=torch.float64)
+    stats = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    for training in (True, False):
+        ref = batch_norm(x, weight, bias, *stats, training=training)
+        ours = batch_norm(x.to(memory_format=CL), weight, bias, *stats, training=training)
+        assert ours[0].is_contiguous(memory_format=CL)
+        for a, b in zip(ours, ref, strict=True):
+            assert torch.allclose(a, b, atol=1e-12)
+
+
+def _second_order_task_grad(model, params, x):
+    y = torch.arange(3).repeat(2)
+    inner = adapt(lambda p, t: F.cross_entropy(model.apply(p, t[0]), y), optim.sgd(0.3), 2)
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    fast, _ = inner(leaves, (x, y))
+    loss = F.cross_entropy(model.apply(fast, x.flip(0)), y)
+    return torch.autograd.grad(loss, list(leaves.values()))
+
+
+@pytest.mark.parametrize("name", ["conv4-stride", "conv4-maxpool", "resnet12"])
+def test_channels_last_gives_the_default_layouts_values_and_gradients(gen, name):
+    """``channels_last`` (the CPU default) changes speed, not results: outputs, running
+    statistics and a second-order MAML gradient equal the default layout's in float64, and the
+    inner loop's gradients come back contiguous."""
+    make, x = {
+        "conv4-stride": (
+            lambda cl: conv4(3, hidden=6, channels_last=cl),
+            torch.randn(6, 1, 28, 28, generator=gen),
+        ),
+        "conv4-maxpool": (
+            lambda cl: conv4(
+                3, in_channels=3, hidden=6, pooling="maxpool", image_size=32, channels_last=cl
+            ),
+            torch.randn(6, 3, 32, 32, generator=gen),
+        ),
+        "resnet12": (
+            lambda cl: resnet12(3, channels=(4, 6, 8, 10), channels_last=cl),
+            torch.randn(6, 3, 16, 16, generator=gen),
+        ),
+    }[name]
+    x = x.double()
+    default, last = make(False), make(None)
+    params = default.init(gen, dtype=torch.float64)
+    state = default.init_state(dtype=torch.float64)
+    for training in (True, False):
+        (a, sa), (b, sb) = (
+            m.apply(params, x, state=state, training=training) for m in (default, last)
+        )
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+        for k in sa:
+            assert torch.allclose(sa[k], sb[k], rtol=1e-10, atol=1e-12), k
+    ref = _second_order_task_grad(default, params, x)
+    ours = _second_order_task_grad(last, params, x)
+    err = tree.global_norm(tree.sub(list(ours), list(ref))) / tree.global_norm(list(ref))
+    assert float(err) <= 1e-10
+    inner_grads, _ = grad_with_aux(
+        lambda p: (F.cross_entropy(last.apply(p, x), torch.arange(3).repeat(2)), None), params
+    )
+    assert all(g.is_contiguous() for g in inner_grads.values())
 
 
 # ---------------------------------------------------------------------------------------------

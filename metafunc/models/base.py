@@ -21,13 +21,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metafunc._transforms import under_vmap
+from metafunc._transforms import any_transform, under_vmap
 
 __all__ = [
     "Model",
     "Params",
     "State",
     "batch_norm",
+    "conv2d",
     "conv_init",
     "linear_init",
 ]
@@ -150,10 +151,32 @@ def batch_norm(
     ``torch.nn.BatchNorm`` does (momentum, unbiased variance, no gradient). Otherwise it
     normalises with the running statistics and returns them unchanged.
 
+    A channels-last ``x`` on the CPU (what :func:`conv2d` makes there) is normalised as the
+    ``[pixels, channels]`` matrix it is in memory. The fused kernel then sums each channel in
+    one pass: in float32, about 5e-6 relative error in the statistics over 100,000 pixels per
+    channel (an 84x84 mini-ImageNet batch), against 1e-7 in the default layout; float64 is
+    unaffected.
+
     Returns:
         ``(y, new_running_mean, new_running_var)``; the last two are ``None`` when no running
         statistics were given.
     """
+    if x.device.type == "cpu" and not under_vmap() and _channels_last_strided(x):
+        # A channels-last activation (conv2d's on the CPU) as the dense [pixels, channels]
+        # matrix it is in memory: the CPU kernels of the double backward's elementwise ops and
+        # sums were 2-10x slower on the strided 4-D view.
+        n, c, h, w = x.shape
+        y, running_mean, running_var = batch_norm(
+            x.permute(0, 2, 3, 1).reshape(-1, c),
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=training,
+            momentum=momentum,
+            eps=eps,
+        )
+        return y.view(n, h, w, c).permute(0, 3, 1, 2), running_mean, running_var
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     batch_stats = training or running_mean is None or running_var is None
@@ -226,6 +249,50 @@ def bn_state(
         state[f"{name}.running_mean"] = torch.zeros(channels, dtype=dtype, device=device)
         state[f"{name}.running_var"] = torch.ones(channels, dtype=dtype, device=device)
     return state
+
+
+def _channels_last_strided(x: torch.Tensor) -> bool:
+    return (
+        x.dim() == 4
+        and x.shape[1] > 1
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    )
+
+
+def check_channels_last(call: str, value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(
+            f"{call}(channels_last): must be True, False or None (channels-last on the CPU), "
+            f"got {value!r}."
+        )
+    return value
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 0,
+    *,
+    channels_last: bool | None = None,
+) -> torch.Tensor:
+    """``F.conv2d``, with ``x`` in channels-last memory format when ``channels_last`` says so.
+
+    ``None`` uses it for CPU tensors, where oneDNN's channels-last convolutions (and
+    :func:`batch_norm` on their output) make a second-order conv4 MAML step 1.04-1.17x faster
+    than the default layout (``metafunc bench strategies``); ``True`` also on other devices;
+    ``False`` never. Only outside ``torch.func`` transforms and ``torch.compile`` (which pick
+    their own layouts), so the gradients that reach the weights come from
+    ``torch.autograd`` (:func:`metafunc.inner.grad_with_aux` returns them contiguous). The
+    output is channels-last too, so the next layer keeps it; values are ``F.conv2d``'s up to
+    float rounding.
+    """
+    use = x.device.type == "cpu" if channels_last is None else channels_last
+    if use and not any_transform() and not torch.compiler.is_compiling():
+        x = x.to(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, bias, stride, padding)
 
 
 def linear(x: torch.Tensor, params: Params, name: str) -> torch.Tensor:

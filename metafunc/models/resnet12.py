@@ -14,7 +14,9 @@ from metafunc.models.base import (
     bn_layer,
     bn_params,
     bn_state,
+    check_channels_last,
     check_input,
+    conv2d,
     conv_init,
     default_generator,
     finalize,
@@ -33,6 +35,7 @@ def resnet12(
     channels: Sequence[int] = (64, 160, 320, 640),
     negative_slope: float = 0.1,
     bn_momentum: float = 0.1,
+    channels_last: bool | None = None,
 ) -> Model:
     """ResNet-12: four residual blocks, each three [3x3 conv, batch norm, leaky ReLU] with a
     1x1-conv + batch-norm shortcut and 2x2 max-pooling, then global average pooling.
@@ -41,8 +44,10 @@ def resnet12(
     have no bias and He-normal (fan-out) weights. Parameters:
     ``layer{b}.conv{j}.weight``, ``layer{b}.bn{j}.weight/bias`` (j = 1..3),
     ``layer{b}.shortcut.conv.weight``, ``layer{b}.shortcut.bn.weight/bias``, ``head.*``.
-    DropBlock is not included.
+    DropBlock is not included. ``channels_last`` picks the convolutions' memory format, as in
+    :func:`~metafunc.models.conv4`.
     """
+    check_channels_last("resnet12", channels_last)
     channels = list(channels)
     if len(channels) != 4 or any(not isinstance(c, int) or c <= 0 for c in channels):
         raise ValueError(f"resnet12(channels): need four positive ints, got {channels!r}.")
@@ -80,11 +85,13 @@ def resnet12(
             p = f"layer{b}"
             out = x
             for j in (1, 2, 3):
-                out = F.conv2d(out, params[f"{p}.conv{j}.weight"], padding=1)
+                w = params[f"{p}.conv{j}.weight"]
+                out = conv2d(out, w, padding=1, channels_last=channels_last)
                 out = bn_layer(params, state, new_state, f"{p}.bn{j}", out, training, bn_momentum)
                 if j < 3:
                     out = F.leaky_relu(out, negative_slope)
-            short = F.conv2d(x, params[f"{p}.shortcut.conv.weight"])
+            w = params[f"{p}.shortcut.conv.weight"]
+            short = conv2d(x, w, channels_last=channels_last)
             short = bn_layer(
                 params, state, new_state, f"{p}.shortcut.bn", short, training, bn_momentum
             )
