@@ -9,8 +9,8 @@ Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the 
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on), and ``auto-nchw``, ``loop-nchw`` and ``threads-nchw`` (``conv4(channels_last=False)``: the
-default memory format; every other variant has conv4's default, channels-last on the CPU).
+on), and ``auto-cl``, ``loop-cl`` and ``threads-cl`` (``conv4(channels_last=True)``:
+channels-last convolutions; every other variant has conv4's default memory format).
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
@@ -40,15 +40,15 @@ from metafunc.algorithms import MAML
 from metafunc.models import conv4
 
 VARIANTS = {  # name: (strategy, shared_first_step, conv4's channels_last)
-    "auto": ("auto", None, None),
-    "auto-nchw": ("auto", None, False),
-    "loop": ("loop", None, None),
-    "loop-nchw": ("loop", None, False),
-    "loop-unshared": ("loop", False, None),
-    "loop-shared": ("loop", True, None),
-    "threads": ("threads", None, None),
-    "threads-nchw": ("threads", None, False),
-    "threads-shared": ("threads", True, None),
+    "auto": ("auto", None, False),
+    "auto-cl": ("auto", None, True),
+    "loop": ("loop", None, False),
+    "loop-cl": ("loop", None, True),
+    "loop-unshared": ("loop", False, False),
+    "loop-shared": ("loop", True, False),
+    "threads": ("threads", None, False),
+    "threads-cl": ("threads", None, True),
+    "threads-shared": ("threads", True, False),
 }
 
 

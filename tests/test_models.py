@@ -78,8 +78,8 @@ def test_bad_model_arguments():
     with pytest.raises(ValueError, match="expected \\[batch, 1, H, W\\]"):
         conv4().apply(conv4().init(), torch.zeros(1, 28, 28))
     for make in (conv4, resnet12):
-        with pytest.raises(ValueError, match=f"{make.__name__}\\(channels_last\\).*got 'yes'"):
-            make(channels_last="yes")
+        with pytest.raises(ValueError, match=f"{make.__name__}\\(channels_last\\).*got None"):
+            make(channels_last=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,23 +89,26 @@ def test_bad_model_arguments():
 CL = torch.channels_last
 
 
-def test_conv2d_layout_follows_channels_last_outside_transforms(gen):
+def test_conv2d_channels_last_outside_transforms(gen):
     x = torch.randn(4, 3, 9, 9, generator=gen, dtype=torch.float64)
     w = torch.randn(5, 3, 3, 3, generator=gen, dtype=torch.float64)
     b = torch.randn(5, generator=gen, dtype=torch.float64)
     expected = F.conv2d(x, w, b, 2, 1)
-    for flag, cl in ((None, True), (True, True), (False, False)):
-        y = conv2d(x, w, b, 2, 1, channels_last=flag)
+    for cl in (True, False):
+        y = conv2d(x, w, b, 2, 1, channels_last=cl)
         assert torch.allclose(y, expected, atol=1e-12)
         assert y.is_contiguous(memory_format=CL) == cl and y.is_contiguous() != cl
     # one input channel: a contiguous [N, 1, H, W] counts as channels-last-contiguous too, but
     # only explicit channels-last strides make oneDNN keep the format for the next layer
-    y = conv2d(torch.randn(4, 1, 9, 9, generator=gen), w[:, :1].float(), padding=1)
+    y = conv2d(
+        torch.randn(4, 1, 9, 9, generator=gen), w[:, :1].float(), padding=1, channels_last=True
+    )
     assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
     # under torch.func transforms the default layout is kept
-    y = torch.func.vmap(lambda t: conv2d(t, w, b, 2, 1))(x[None])[0]
+    y = torch.func.vmap(lambda t: conv2d(t, w, b, 2, 1, channels_last=True))(x[None])[0]
     assert torch.allclose(y, expected, atol=1e-12)
-    assert torch.func.grad(lambda t: conv2d(t, w, b, 2, 1).sum())(x).is_contiguous()
+    grad = torch.func.grad(lambda t: conv2d(t, w, b, 2, 1, channels_last=True).sum())(x)
+    assert grad.is_contiguous()
 
 
 def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
@@ -132,7 +135,7 @@ def _second_order_task_grad(model, params, x):
 
 @pytest.mark.parametrize("name", ["conv4-stride", "conv4-maxpool", "resnet12"])
 def test_channels_last_gives_the_default_layouts_values_and_gradients(gen, name):
-    """``channels_last`` (the CPU default) changes speed, not results: outputs, running
+    """``channels_last=True`` changes speed, not results: outputs, running
     statistics and a second-order MAML gradient equal the default layout's in float64, and the
     inner loop's gradients come back contiguous."""
     make, x = {
@@ -152,7 +155,7 @@ def test_channels_last_gives_the_default_layouts_values_and_gradients(gen, name)
         ),
     }[name]
     x = x.double()
-    default, last = make(False), make(None)
+    default, last = make(False), make(True)
     params = default.init(gen, dtype=torch.float64)
     state = default.init_state(dtype=torch.float64)
     for training in (True, False):

@@ -11,9 +11,9 @@ as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default stra
 library's allocator settings, to time what the tuning changes in the same run) and
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
 first inner step computed on its own, as before the tasks' shared first step was batched; the
-other variants keep MAML's default, ``None``), and ``metafunc-nchw`` (the default strategy with
-``conv4(channels_last=False)``: the default memory format on the CPU too; the other variants keep
-conv4's default, channels-last on the CPU).
+other variants keep MAML's default, ``None``), and ``metafunc-cl`` (the default strategy with
+``conv4(channels_last=True)``: channels-last convolutions; the other variants keep conv4's
+default memory format).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ STRATEGIES = {
     "metafunc-compile": "auto",  # with torch.compile of the whole meta-gradient
     "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
     "metafunc-unshared": "auto",  # MAML(shared_first_step=False): each task's first step alone
-    "metafunc-nchw": "auto",  # conv4(channels_last=False)
+    "metafunc-cl": "auto",  # conv4(channels_last=True)
 }
 
 
@@ -62,7 +62,7 @@ class MetafuncPeer:
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,
             image_size=spec.image_size,
-            channels_last=False if variant == "metafunc-nchw" else None,
+            channels_last=variant == "metafunc-cl",
         )  # fmt: skip
         self.alg = MAML(
             model, inner_lr=spec.inner_lr, inner_steps=spec.inner_steps,

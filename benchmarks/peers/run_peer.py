@@ -59,7 +59,7 @@ IMPLS: dict[str, str] = {
     "metafunc-compile": "benchmarks.peers.impl_metafunc",
     "metafunc-malloc-default": "benchmarks.peers.impl_metafunc",
     "metafunc-unshared": "benchmarks.peers.impl_metafunc",
-    "metafunc-nchw": "benchmarks.peers.impl_metafunc",
+    "metafunc-cl": "benchmarks.peers.impl_metafunc",
 }
 
 
