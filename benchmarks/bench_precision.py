@@ -2,9 +2,11 @@
 
     python benchmarks/bench_precision.py                       # CPU: float32 and bf16
     python benchmarks/bench_precision.py --device cuda         # also ieee and tf32
+    python benchmarks/bench_precision.py --layouts default,channels-last
 
 For each preset it samples one real meta-batch (``METAFUNC_DATA``), computes the meta-gradient
-in float64 (the reference), then in float32 under each precision of the harness, and reports the
+in float64 (the reference), then in float32 under each precision of the harness (and with
+``--layouts ... channels-last``, in the default precision with ``channels_last``), and reports the
 relative error ``|g - g64| / |g64|``, the cosine with the reference, the meta-loss and the time
 of one meta-gradient. Prints a table and writes JSON (``--out``).
 """
@@ -26,12 +28,14 @@ from metafunc.harness.config import PRESETS
 from metafunc.harness.run import build, init_meta
 
 
-def measure(preset: str, precision: str, device: str, meta_batch: int | None) -> dict[str, Any]:
+def measure(
+    preset: str, precision: str, device: str, meta_batch: int | None, channels_last: bool = False
+) -> dict[str, Any]:
     extra = {} if meta_batch is None else {"meta_batch": meta_batch}
     base = {**PRESETS[preset], "preset": preset, "device": device, **extra}
     base["data_root"] = os.environ.get("METAFUNC_DATA")
     ref_run = build(Config.from_dict({**base, "dtype": "float64"}))
-    run = build(Config.from_dict({**base, "precision": precision}))
+    run = build(Config.from_dict({**base, "precision": precision, "channels_last": channels_last}))
     batch64 = ref_run.train_tasks.sample(run.config.meta_batch, torch.Generator().manual_seed(0))
     meta64 = init_meta(ref_run, 0)
     g64, loss64, _ = ref_run.meta_grad(meta64, batch64)
@@ -50,6 +54,7 @@ def measure(preset: str, precision: str, device: str, meta_batch: int | None) ->
     cos = float(mt.vdot(g, g64) / (mt.global_norm(g) * mt.global_norm(g64)))
     return {
         "preset": preset, "precision": precision, "meta_batch": run.config.meta_batch,
+        "layout": "channels-last" if channels_last else "default",
         "grad_rel_err": err, "grad_cosine": cos, "loss": float(loss),
         "loss_float64": float(loss64), "seconds": seconds,
     }  # fmt: skip
@@ -61,21 +66,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--precisions", default=None, help="default: all that the device supports")
     p.add_argument("--meta-batch", type=int, default=None, help="override the presets'")
+    p.add_argument(
+        "--layouts",
+        default="default",
+        help="default,channels-last: also the default precision with channels_last",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cuda = args.device.startswith("cuda")
     default = "default,ieee,tf32,bf16" if cuda else "default,bf16"
-    rows = [
-        measure(preset, precision, args.device, args.meta_batch)
-        for preset in args.presets.split(",")
-        for precision in (args.precisions or default).split(",")
-    ]
-    head = f"{'preset':24s} {'precision':9s} {'rel err':>9s} {'cosine':>8s} {'loss':>8s} {'s':>7s}"
+    layouts = args.layouts.split(",")
+    if not set(layouts) <= {"default", "channels-last"}:
+        p.error(f"--layouts: names from default, channels-last; got {args.layouts!r}")
+    rows = []
+    for preset in args.presets.split(","):
+        if "default" in layouts:
+            for precision in (args.precisions or default).split(","):
+                rows.append(measure(preset, precision, args.device, args.meta_batch))
+        if "channels-last" in layouts:
+            rows.append(measure(preset, "default", args.device, args.meta_batch, True))
+    head = (
+        f"{'preset':24s} {'precision':9s} {'layout':13s} {'rel err':>9s} {'cosine':>8s} "
+        f"{'loss':>8s} {'s':>7s}"
+    )
     print(head)
     for r in rows:
         print(
-            f"{r['preset']:24s} {r['precision']:9s} {r['grad_rel_err']:9.2e} "
+            f"{r['preset']:24s} {r['precision']:9s} {r['layout']:13s} {r['grad_rel_err']:9.2e} "
             f"{r['grad_cosine']:8.5f} {r['loss']:8.4f} {r['seconds']:7.3f}"
         )
     if args.out is not None:

@@ -66,3 +66,18 @@ def test_tf32_sets_the_cuda_flags():
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"
     build(Config(precision="ieee", device="cuda", meta_batch=2))
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+def test_channels_last_config_builds_channels_last_models():
+    from metafunc.harness.run import build_model
+
+    for dataset, model in (
+        ("omniglot", "auto"),
+        ("mini-imagenet", "auto"),
+        ("omniglot", "resnet12"),
+    ):
+        cfg = Config(dataset=dataset, model=model, shots=1, channels_last=True)
+        assert build_model(cfg, 5).name.endswith("-channels-last")
+        assert not build_model(cfg.replace(channels_last=False), 5).name.endswith("-channels-last")
+    with pytest.raises(ConfigError, match="channels_last is for the convolutional models"):
+        build_model(Config(channels_last=True), None)

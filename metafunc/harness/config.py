@@ -53,7 +53,9 @@ class Config:
     ``precision`` of float32 compute: ``'default'`` (torch's: on CUDA, TF32 convolutions and
     IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
     convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
-    and evaluation; see the README for its measured meta-gradient error).
+    and evaluation; see the README for its measured meta-gradient error). ``channels_last``:
+    channels-last convolutions in conv4 / ResNet-12 (faster on the CPU, a less accurate float32
+    batch norm there; :func:`~metafunc.models.conv4`).
     """
 
     algorithm: str = "maml"
@@ -91,6 +93,7 @@ class Config:
     chunk_size: int | None = None
     compile: str | None = None
     precision: str = "default"
+    channels_last: bool = False
     eval_episodes: int = 600
     eval_batch: int = 50
     log_every: int = 50

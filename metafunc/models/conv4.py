@@ -141,6 +141,6 @@ def conv4(
         init_state,
         features=features,
         head="head" if num_classes is not None else None,
-        name=f"conv4-{hidden}-{pooling}",
+        name=f"conv4-{hidden}-{pooling}{'-channels-last' if channels_last else ''}",
         vmap_exact=True,
     )

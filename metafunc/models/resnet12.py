@@ -121,6 +121,6 @@ def resnet12(
         init_state,
         features=features,
         head="head" if num_classes is not None else None,
-        name=f"resnet12-{'-'.join(map(str, channels))}",
+        name=f"resnet12-{'-'.join(map(str, channels))}{'-channels-last' if channels_last else ''}",
         vmap_exact=True,
     )
