@@ -9,8 +9,9 @@ Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the 
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on), and ``auto-cl``, ``loop-cl`` and ``threads-cl`` (``conv4(channels_last=True)``:
-channels-last convolutions; every other variant has conv4's default memory format).
+on), ``auto-cl``, ``loop-cl`` and ``threads-cl`` (``conv4(channels_last=True)``: every pass
+channels-last) and ``auto-nchw`` (``channels_last=False``: none); every other variant has
+conv4's default, ``'query'`` (the query passes channels-last).
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
@@ -39,16 +40,19 @@ from metafunc import TaskBatch, tune_cpu_allocator
 from metafunc.algorithms import MAML
 from metafunc.models import conv4
 
-VARIANTS = {  # name: (strategy, shared_first_step, conv4's channels_last)
-    "auto": ("auto", None, False),
+Q = "query"
+VARIANTS: dict[str, tuple[str, bool | None, bool | str]] = {
+    # name: (strategy, shared_first_step, conv4's channels_last)
+    "auto": ("auto", None, Q),
     "auto-cl": ("auto", None, True),
-    "loop": ("loop", None, False),
+    "auto-nchw": ("auto", None, False),
+    "loop": ("loop", None, Q),
     "loop-cl": ("loop", None, True),
-    "loop-unshared": ("loop", False, False),
-    "loop-shared": ("loop", True, False),
-    "threads": ("threads", None, False),
+    "loop-unshared": ("loop", False, Q),
+    "loop-shared": ("loop", True, Q),
+    "threads": ("threads", None, Q),
     "threads-cl": ("threads", None, True),
-    "threads-shared": ("threads", True, False),
+    "threads-shared": ("threads", True, Q),
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,6 +124,40 @@ def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
         assert ours[0].is_contiguous(memory_format=CL)
         for a, b in zip(ours, ref, strict=True):
             assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_algorithms_query_pass_is_channels_last_by_default(gen):
+    """conv4's default (``channels_last='query'``): MAML's query passes get channels-last
+    images, its support passes the default layout, and the meta-gradient is the default
+    layout's in float64; ``False`` and from_module models keep the default layout."""
+    from metafunc.algorithms import MAML
+
+    x = torch.randn(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
+    y = torch.arange(3).repeat(2).expand(2, 6).clone()
+    batch = TaskBatch(x[:, :3], y[:, :3], x, y)
+    grads, seen = {}, {}
+    for flag in ("query", False):
+        model = conv4(3, hidden=6, channels_last=flag)
+        seen[flag] = []
+
+        def spy(params, images, *a, _apply=model.apply, _seen=seen[flag], **k):
+            _seen.append((images.shape[0], images.stride(1) == 1))  # channels-last strides
+            return _apply(params, images, *a, **k)
+
+        alg = MAML(
+            dataclasses.replace(model, apply=spy), inner_steps=2, strategy="loop",
+            shared_first_step=False,
+        )  # fmt: skip
+        meta = alg.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+        grads[flag] = alg.meta_grad(meta, batch)[0]
+    assert (6, True) in seen["query"] and (3, False) in seen["query"]
+    assert (6, False) not in seen["query"] and (3, True) not in seen["query"]
+    assert not any(last for _, last in seen[False])
+    err = tree.global_norm(tree.sub(grads["query"], grads[False])) / tree.global_norm(grads[False])
+    assert float(err) <= 1e-10
+    assert conv4().channels_last_query and resnet12().channels_last_query
+    assert not conv4(channels_last=False).channels_last_query
+    assert not from_module(nn.Conv2d(1, 2, 3)).channels_last_query
 
 
 def _second_order_task_grad(model, params, x):

@@ -11,9 +11,9 @@ as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default stra
 library's allocator settings, to time what the tuning changes in the same run) and
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
 first inner step computed on its own, as before the tasks' shared first step was batched; the
-other variants keep MAML's default, ``None``), and ``metafunc-cl`` (the default strategy with
-``conv4(channels_last=True)``: channels-last convolutions; the other variants keep conv4's
-default memory format).
+other variants keep MAML's default, ``None``), ``metafunc-cl`` (the default strategy with
+``conv4(channels_last=True)``: every pass channels-last) and ``metafunc-nchw``
+(``channels_last=False``: none); the other variants keep conv4's default, ``'query'``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ STRATEGIES = {
     "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
     "metafunc-unshared": "auto",  # MAML(shared_first_step=False): each task's first step alone
     "metafunc-cl": "auto",  # conv4(channels_last=True)
+    "metafunc-nchw": "auto",  # conv4(channels_last=False)
 }
 
 
@@ -62,7 +63,7 @@ class MetafuncPeer:
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,
             image_size=spec.image_size,
-            channels_last=variant == "metafunc-cl",
+            channels_last={"metafunc-cl": True, "metafunc-nchw": False}.get(variant, "query"),
         )  # fmt: skip
         self.alg = MAML(
             model, inner_lr=spec.inner_lr, inner_steps=spec.inner_steps,

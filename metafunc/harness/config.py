@@ -54,8 +54,8 @@ class Config:
     IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
     convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
     and evaluation; see the README for its measured meta-gradient error). ``channels_last``:
-    channels-last convolutions in conv4 / ResNet-12 (faster on the CPU, a less accurate float32
-    batch norm there; :func:`~metafunc.models.conv4`).
+    every pass of conv4 / ResNet-12 channels-last on the CPU, not only the query passes (faster,
+    a less accurate float32 batch norm; :func:`~metafunc.models.conv4`).
     """
 
     algorithm: str = "maml"

@@ -112,7 +112,7 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             ways,
             hidden=cfg.hidden or 64,
             in_channels=1 if "omniglot" in cfg.dataset else 3,
-            channels_last=cfg.channels_last,
+            channels_last=True if cfg.channels_last else "query",
         )
     if kind == "conv4-maxpool":
         size = 84 if cfg.dataset == "mini-imagenet" else 32
@@ -122,9 +122,9 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             in_channels=3,
             pooling="maxpool",
             image_size=size,
-            channels_last=cfg.channels_last,
+            channels_last=True if cfg.channels_last else "query",
         )
-    return models.resnet12(ways, channels_last=cfg.channels_last)
+    return models.resnet12(ways, channels_last=True if cfg.channels_last else "query")
 
 
 _GRADIENT_BASED = {

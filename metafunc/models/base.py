@@ -59,6 +59,11 @@ class Model:
             loop), false for :func:`from_module` (a custom layer may call ``F.batch_norm`` or
             draw random numbers). Algorithms only batch work under ``vmap`` that the chosen
             strategy would not have batched (``MAML.shared_first_step``) when it is true.
+        channels_last_query: whether the algorithms' query pass
+            (:meth:`~metafunc.algorithms.base.Algorithm.predict`) gives ``apply`` its images in
+            channels-last memory format on the CPU, outside ``torch.func`` transforms. For
+            models that keep the input's layout and are fast on it: conv4 and ResNet-12 with
+            ``channels_last='query'`` (their default).
     """
 
     init: Callable[..., Params]
@@ -68,6 +73,7 @@ class Model:
     head: str | None = None
     name: str = "model"
     vmap_exact: bool = False
+    channels_last_query: bool = False
 
 
 def conv_init(
@@ -258,10 +264,19 @@ def _channels_last_strided(x: torch.Tensor) -> bool:
     )
 
 
-def check_channels_last(call: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{call}(channels_last): must be True or False, got {value!r}.")
+def check_channels_last(call: str, value: object) -> bool | str:
+    if value not in (True, False, "query") or not isinstance(value, bool | str):
+        raise ValueError(f"{call}(channels_last): must be 'query', True or False, got {value!r}.")
     return value
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with explicit channels-last strides (a one-channel ``[N, 1, H, W]`` tensor counts
+    as channels-last-contiguous already, but oneDNN keeps the format only from these strides)
+    when it is a 4-D tensor outside ``torch.func`` transforms and ``torch.compile``."""
+    if x.dim() != 4 or any_transform() or torch.compiler.is_compiling():
+        return x
+    return x.to(memory_format=torch.channels_last)
 
 
 def conv2d(
@@ -273,7 +288,8 @@ def conv2d(
     *,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """``F.conv2d``; with ``channels_last``, on ``x`` in channels-last memory format.
+    """``F.conv2d``; with ``channels_last``, on ``x`` in channels-last memory format (without,
+    in ``x``'s: a channels-last ``x`` gives a channels-last output, as torch does).
 
     Only outside ``torch.func`` transforms and ``torch.compile`` (which pick their own layouts),
     so the weights' gradients come from ``torch.autograd`` (:func:`metafunc.inner.grad_with_aux`
@@ -282,9 +298,7 @@ def conv2d(
     ``F.conv2d``'s up to float rounding; see :func:`~metafunc.models.conv4` for what it costs
     and gains.
     """
-    if channels_last and not any_transform() and not torch.compiler.is_compiling():
-        x = x.to(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, bias, stride, padding)
+    return F.conv2d(to_channels_last(x) if channels_last else x, weight, bias, stride, padding)
 
 
 def linear(x: torch.Tensor, params: Params, name: str) -> torch.Tensor:

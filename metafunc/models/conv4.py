@@ -36,7 +36,7 @@ def conv4(
     pooling: str = "stride",
     image_size: int = 28,
     bn_momentum: float = 0.1,
-    channels_last: bool = False,
+    channels_last: bool | str = "query",
 ) -> Model:
     """Four blocks of [3x3 conv, batch norm, ReLU], then a linear head.
 
@@ -47,14 +47,16 @@ def conv4(
     (84 -> 42 -> 21 -> 10 -> 5), flattened (``hidden * 5 * 5`` features).
 
     Convolutions and head are Glorot-uniform with zero biases, batch norm weight 1, bias 0.
-    ``channels_last=True`` runs the convolutions on channels-last activations
-    (:func:`metafunc.models.base.conv2d`). On the CPU oneDNN's channels-last kernels are faster:
-    a second-order MAML meta-batch took 0.85-0.92x the time at Omniglot 20-way 1-shot with 5
-    steps and 0.88-1.02x at 5-way (2 threads, ``metafunc bench strategies`` and peer runs). It
-    is off by default because the CPU batch-norm kernel for that layout sums in float32 less
-    accurately: on a real Omniglot 20-way meta-batch with 5 second-order steps the float32
-    meta-gradient's cosine with the float64 one fell from 0.994 to 0.92 (5-way 1 step: both
-    1.00000). Values in float64 are the same.
+    ``channels_last`` is the activations' memory format on the CPU
+    (:func:`metafunc.models.base.conv2d`, where oneDNN's channels-last convolutions are faster).
+    ``'query'``, the default: the algorithms' query passes run channels-last
+    (:attr:`Model.channels_last_query`), the support passes in the default layout. ``True``:
+    every pass, faster still (a second-order MAML meta-batch at Omniglot 20-way 1-shot with 5
+    steps 0.85-0.92x the default layout's time, 2 threads), but torch's CPU batch-norm kernel
+    for that layout sums in float32 less accurately and the inner steps amplify it: on a real
+    Omniglot 20-way meta-batch with 5 second-order steps the float32 meta-gradient's cosine with
+    float64 fell from 0.994 to 0.92 (5-way, 1 step: 1.00000 both). ``False``: the default layout
+    everywhere. float64 values are the same in all three.
     Parameters: ``conv{i}.weight/bias``, ``bn{i}.weight/bias`` (i = 0..3), ``head.weight/bias``.
     ``num_classes=None`` builds the embedding network alone (Prototypical Networks); then
     ``apply`` returns the features.
@@ -110,7 +112,7 @@ def conv4(
                 params[f"conv{i}.bias"],
                 stride,
                 1,
-                channels_last=channels_last,
+                channels_last=channels_last is True,
             )
             x = bn_layer(params, state, new_state, f"bn{i}", x, training, bn_momentum)
             x = F.relu(x)
@@ -141,6 +143,7 @@ def conv4(
         init_state,
         features=features,
         head="head" if num_classes is not None else None,
-        name=f"conv4-{hidden}-{pooling}{'-channels-last' if channels_last else ''}",
+        name=f"conv4-{hidden}-{pooling}{'-channels-last' if channels_last is True else ''}",
         vmap_exact=True,
+        channels_last_query=channels_last is not False,
     )
