@@ -107,12 +107,13 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
         return models.mlp((1, h, h, 1))
     if cfg.is_regression:
         raise ConfigError(f"config: model={kind!r} takes images; use model='mlp' (or auto).")
+    layout = True if cfg.channels_last else "query"  # every pass, or the query passes
     if kind == "conv4":
         return models.conv4(
             ways,
             hidden=cfg.hidden or 64,
             in_channels=1 if "omniglot" in cfg.dataset else 3,
-            channels_last=True if cfg.channels_last else "query",
+            channels_last=layout,
         )
     if kind == "conv4-maxpool":
         size = 84 if cfg.dataset == "mini-imagenet" else 32
@@ -122,9 +123,9 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             in_channels=3,
             pooling="maxpool",
             image_size=size,
-            channels_last=True if cfg.channels_last else "query",
+            channels_last=layout,
         )
-    return models.resnet12(ways, channels_last=True if cfg.channels_last else "query")
+    return models.resnet12(ways, channels_last=layout)
 
 
 _GRADIENT_BASED = {

@@ -265,7 +265,7 @@ def _channels_last_strided(x: torch.Tensor) -> bool:
 
 
 def check_channels_last(call: str, value: object) -> bool | str:
-    if value not in (True, False, "query") or not isinstance(value, bool | str):
+    if not (isinstance(value, bool) or value == "query"):
         raise ValueError(f"{call}(channels_last): must be 'query', True or False, got {value!r}.")
     return value
 
