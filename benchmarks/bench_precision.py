@@ -2,11 +2,12 @@
 
     python benchmarks/bench_precision.py                       # CPU: float32 and bf16
     python benchmarks/bench_precision.py --device cuda         # also ieee and tf32
-    python benchmarks/bench_precision.py --layouts default,channels-last
+    python benchmarks/bench_precision.py --layouts default,nchw
 
 For each preset it samples one real meta-batch (``METAFUNC_DATA``), computes the meta-gradient
 in float64 (the reference), then in float32 under each precision of the harness (and with
-``--layouts ... channels-last``, in the default precision with ``channels_last``), and reports the
+``--layouts``, in the default precision with ``channels_last`` True (``channels-last``) or False
+(``nchw``); ``default`` is the models' default, channels-last on the CPU), and reports the
 relative error ``|g - g64| / |g64|``, the cosine with the reference, the meta-loss and the time
 of one meta-gradient. Prints a table and writes JSON (``--out``).
 """
@@ -29,7 +30,11 @@ from metafunc.harness.run import build, init_meta
 
 
 def measure(
-    preset: str, precision: str, device: str, meta_batch: int | None, channels_last: bool = False
+    preset: str,
+    precision: str,
+    device: str,
+    meta_batch: int | None,
+    channels_last: bool | None = None,
 ) -> dict[str, Any]:
     extra = {} if meta_batch is None else {"meta_batch": meta_batch}
     base = {**PRESETS[preset], "preset": preset, "device": device, **extra}
@@ -54,7 +59,7 @@ def measure(
     cos = float(mt.vdot(g, g64) / (mt.global_norm(g) * mt.global_norm(g64)))
     return {
         "preset": preset, "precision": precision, "meta_batch": run.config.meta_batch,
-        "layout": "channels-last" if channels_last else "default",
+        "layout": {None: "default", True: "channels-last", False: "nchw"}[channels_last],
         "grad_rel_err": err, "grad_cosine": cos, "loss": float(loss),
         "loss_float64": float(loss64), "seconds": seconds,
     }  # fmt: skip
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--layouts",
         default="default",
-        help="default,channels-last: also the default precision with channels_last",
+        help="from default,channels-last,nchw: channels_last None (the precisions), True, False",
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -77,15 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     default = "default,ieee,tf32,bf16" if cuda else "default,bf16"
     layouts = args.layouts.split(",")
-    if not set(layouts) <= {"default", "channels-last"}:
-        p.error(f"--layouts: names from default, channels-last; got {args.layouts!r}")
+    flags = {"channels-last": True, "nchw": False}
+    if not set(layouts) <= {"default", *flags}:
+        p.error(f"--layouts: names from default, channels-last, nchw; got {args.layouts!r}")
     rows = []
     for preset in args.presets.split(","):
         if "default" in layouts:
             for precision in (args.precisions or default).split(","):
                 rows.append(measure(preset, precision, args.device, args.meta_batch))
-        if "channels-last" in layouts:
-            rows.append(measure(preset, "default", args.device, args.meta_batch, True))
+        for layout, flag in flags.items():
+            if layout in layouts:
+                rows.append(measure(preset, "default", args.device, args.meta_batch, flag))
     head = (
         f"{'preset':24s} {'precision':9s} {'layout':13s} {'rel err':>9s} {'cosine':>8s} "
         f"{'loss':>8s} {'s':>7s}"

@@ -9,9 +9,9 @@ Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the 
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on), ``auto-cl``, ``loop-cl`` and ``threads-cl`` (``conv4(channels_last=True)``: every pass
-channels-last) and ``auto-nchw`` (``channels_last=False``: none); every other variant has
-conv4's default, ``'query'`` (the query passes channels-last).
+on), ``auto-cl`` (``conv4(channels_last=True)``: channels-last on every device, the same as
+the default on the CPU) and ``auto-nchw`` (``channels_last=False``: never); every other variant
+has conv4's default, ``None`` (channels-last on the CPU).
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
@@ -40,19 +40,16 @@ from metafunc import TaskBatch, tune_cpu_allocator
 from metafunc.algorithms import MAML
 from metafunc.models import conv4
 
-Q = "query"
-VARIANTS: dict[str, tuple[str, bool | None, bool | str]] = {
+VARIANTS: dict[str, tuple[str, bool | None, bool | None]] = {
     # name: (strategy, shared_first_step, conv4's channels_last)
-    "auto": ("auto", None, Q),
+    "auto": ("auto", None, None),
     "auto-cl": ("auto", None, True),
     "auto-nchw": ("auto", None, False),
-    "loop": ("loop", None, Q),
-    "loop-cl": ("loop", None, True),
-    "loop-unshared": ("loop", False, Q),
-    "loop-shared": ("loop", True, Q),
-    "threads": ("threads", None, Q),
-    "threads-cl": ("threads", None, True),
-    "threads-shared": ("threads", True, Q),
+    "loop": ("loop", None, None),
+    "loop-unshared": ("loop", False, None),
+    "loop-shared": ("loop", True, None),
+    "threads": ("threads", None, None),
+    "threads-shared": ("threads", True, None),
 }
 
 

@@ -78,6 +78,9 @@ def test_channels_last_config_builds_channels_last_models():
     ):
         cfg = Config(dataset=dataset, model=model, shots=1, channels_last=True)
         assert build_model(cfg, 5).name.endswith("-channels-last")
-        assert not build_model(cfg.replace(channels_last=False), 5).name.endswith("-channels-last")
-    with pytest.raises(ConfigError, match="channels_last is for the convolutional models"):
-        build_model(Config(channels_last=True), None)
+        for other in (False, None):  # None: the models' default, channels-last on the CPU only
+            name = build_model(cfg.replace(channels_last=other), 5).name
+            assert not name.endswith("-channels-last")
+    for flag in (True, False):
+        with pytest.raises(ConfigError, match="channels_last is for the convolutional models"):
+            build_model(Config(channels_last=flag), None)

@@ -12,8 +12,9 @@ library's allocator settings, to time what the tuning changes in the same run) a
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
 first inner step computed on its own, as before the tasks' shared first step was batched; the
 other variants keep MAML's default, ``None``), ``metafunc-cl`` (the default strategy with
-``conv4(channels_last=True)``: every pass channels-last) and ``metafunc-nchw``
-(``channels_last=False``: none); the other variants keep conv4's default, ``'query'``.
+``conv4(channels_last=True)``: channels-last on every device) and ``metafunc-nchw``
+(``channels_last=False``: never); the other variants keep conv4's default, ``None``
+(channels-last on the CPU, so ``metafunc-cl`` differs from the default on CUDA only).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class MetafuncPeer:
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,
             image_size=spec.image_size,
-            channels_last={"metafunc-cl": True, "metafunc-nchw": False}.get(variant, "query"),
+            channels_last={"metafunc-cl": True, "metafunc-nchw": False}.get(variant),
         )  # fmt: skip
         self.alg = MAML(
             model, inner_lr=spec.inner_lr, inner_steps=spec.inner_steps,

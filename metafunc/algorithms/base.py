@@ -40,7 +40,7 @@ from metafunc.inner import (
     task_workers,
     tasks_at_once,
 )
-from metafunc.models.base import Model, to_channels_last
+from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
 
@@ -207,15 +207,8 @@ class Algorithm:
         return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
 
     def predict(self, params: Any, task: TaskBatch) -> torch.Tensor:
-        """The query pass: ``model.apply`` on the query images, channels-last on the CPU for
-        models with :attr:`~metafunc.models.base.Model.channels_last_query` (conv4 and
-        ResNet-12 by default). The query pass is the large batch, where that layout is faster,
-        and the last one, so the float32 rounding of its batch norm is not amplified by inner
-        steps (the support passes keep the default layout)."""
-        x = task.query_x
-        if self.model.channels_last_query and x.device.type == "cpu":
-            x = to_channels_last(x)
-        return self.model.apply(params, x)
+        """The query pass: ``model.apply`` on the query images."""
+        return self.model.apply(params, task.query_x)
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0

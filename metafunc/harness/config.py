@@ -54,8 +54,8 @@ class Config:
     IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
     convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
     and evaluation; see the README for its measured meta-gradient error). ``channels_last``:
-    every pass of conv4 / ResNet-12 channels-last on the CPU, not only the query passes (faster,
-    a less accurate float32 batch norm; :func:`~metafunc.models.conv4`).
+    the memory format of conv4 / ResNet-12 activations: ``None``, channels-last on the CPU
+    (faster there), ``True`` on every device, ``False`` never (:func:`~metafunc.models.conv4`).
     """
 
     algorithm: str = "maml"
@@ -93,7 +93,7 @@ class Config:
     chunk_size: int | None = None
     compile: str | None = None
     precision: str = "default"
-    channels_last: bool = False
+    channels_last: bool | None = None
     eval_episodes: int = 600
     eval_batch: int = 50
     log_every: int = 50

@@ -98,7 +98,7 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
     if kind == "mlp":
         if not cfg.is_regression:
             raise ConfigError(f"config: model='mlp' is for the sinusoid, not {cfg.dataset}.")
-        if cfg.channels_last:
+        if cfg.channels_last is not None:
             raise ConfigError(
                 "config: channels_last is for the convolutional models (conv4, resnet12); "
                 "model='mlp' has no convolutions: drop it."
@@ -107,13 +107,12 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
         return models.mlp((1, h, h, 1))
     if cfg.is_regression:
         raise ConfigError(f"config: model={kind!r} takes images; use model='mlp' (or auto).")
-    layout = True if cfg.channels_last else "query"  # every pass, or the query passes
     if kind == "conv4":
         return models.conv4(
             ways,
             hidden=cfg.hidden or 64,
             in_channels=1 if "omniglot" in cfg.dataset else 3,
-            channels_last=layout,
+            channels_last=cfg.channels_last,
         )
     if kind == "conv4-maxpool":
         size = 84 if cfg.dataset == "mini-imagenet" else 32
@@ -123,9 +122,9 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             in_channels=3,
             pooling="maxpool",
             image_size=size,
-            channels_last=layout,
+            channels_last=cfg.channels_last,
         )
-    return models.resnet12(ways, channels_last=layout)
+    return models.resnet12(ways, channels_last=cfg.channels_last)
 
 
 _GRADIENT_BASED = {

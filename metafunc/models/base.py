@@ -59,11 +59,6 @@ class Model:
             loop), false for :func:`from_module` (a custom layer may call ``F.batch_norm`` or
             draw random numbers). Algorithms only batch work under ``vmap`` that the chosen
             strategy would not have batched (``MAML.shared_first_step``) when it is true.
-        channels_last_query: whether the algorithms' query pass
-            (:meth:`~metafunc.algorithms.base.Algorithm.predict`) gives ``apply`` its images in
-            channels-last memory format on the CPU, outside ``torch.func`` transforms. For
-            models that keep the input's layout and are fast on it: conv4 and ResNet-12 with
-            ``channels_last='query'`` (their default).
     """
 
     init: Callable[..., Params]
@@ -73,7 +68,6 @@ class Model:
     head: str | None = None
     name: str = "model"
     vmap_exact: bool = False
-    channels_last_query: bool = False
 
 
 def conv_init(
@@ -157,33 +151,43 @@ def batch_norm(
     ``torch.nn.BatchNorm`` does (momentum, unbiased variance, no gradient). Otherwise it
     normalises with the running statistics and returns them unchanged.
 
-    A channels-last ``x`` on the CPU (what :func:`conv2d` makes with ``channels_last=True``) is
-    normalised as the ``[pixels, channels]`` matrix it is in memory, where the CPU kernels of
-    the forward, backward and double backward run 2-10x faster than on the strided 4-D view.
-    torch's fused kernel then sums each channel's pixels in one running sum: in float32 the
-    output and both backward passes are about 1e-6 off (relative; 58,800 pixels per channel),
-    against 1e-7 in the default layout. float64 is unaffected.
+    A channels-last ``x`` on the CPU (what :func:`conv2d` makes there by default) is
+    normalised as the ``[pixels, channels]`` matrix it is in memory, where the CPU kernels run
+    2-10x faster than on the strided 4-D view. Outside ``torch.func`` transforms that is
+    :class:`_RowBatchNorm`: torch's fused kernel for this layout sums each channel in one
+    float32 running sum (about 1e-6 relative error against 1e-7 in the default layout, which
+    five second-order inner steps amplify into a visibly different meta-gradient), so the
+    statistics come from torch's pairwise reductions instead. Inside a transform (where a
+    custom autograd function would need rules of its own) it is the fused kernel.
 
     Returns:
         ``(y, new_running_mean, new_running_var)``; the last two are ``None`` when no running
         statistics were given.
     """
-    if x.device.type == "cpu" and not under_vmap() and _channels_last_strided(x):
-        n, c, h, w = x.shape
-        y, running_mean, running_var = batch_norm(
-            x.permute(0, 2, 3, 1).reshape(-1, c),
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            training=training,
-            momentum=momentum,
-            eps=eps,
-        )
-        return y.view(n, h, w, c).permute(0, 3, 1, 2), running_mean, running_var
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     batch_stats = training or running_mean is None or running_var is None
+    if x.device.type == "cpu" and not under_vmap() and _channels_last_strided(x):
+        n, c, h, w = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)
+        if batch_stats and not any_transform() and not torch.compiler.is_compiling():
+            y, mean, var = _RowBatchNorm.apply(rows, weight, bias, eps)
+            if running_mean is not None and running_var is not None:
+                k = rows.shape[0]
+                running_mean = (1 - momentum) * running_mean + momentum * mean
+                running_var = (1 - momentum) * running_var + momentum * var * (k / max(k - 1, 1))
+        else:
+            y, running_mean, running_var = batch_norm(
+                rows,
+                weight,
+                bias,
+                running_mean,
+                running_var,
+                training=training,
+                momentum=momentum,
+                eps=eps,
+            )
+        return y.view(n, h, w, c).permute(0, 3, 1, 2), running_mean, running_var
     if batch_stats and not under_vmap():
         # Outside vmap the fused kernel is exact to second order, and faster and leaner.
         y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
@@ -211,6 +215,57 @@ def batch_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y, running_mean, running_var
+
+
+class _RowBatchNorm(torch.autograd.Function):
+    """Batch norm (batch statistics) of a ``[rows, channels]`` matrix whose statistics are sums
+    by torch's reductions, which add in a pairwise cascade: accurate in float32.
+
+    ``forward(x, weight, bias, eps) -> (y, mean, biased var)``. The backward is torch's fused
+    kernel for a first-order backward (whose running sums measured harmless: on a real Omniglot
+    20-way meta-batch the float32 meta-gradient keeps its default-layout accuracy) and, under
+    ``create_graph``, differentiable ops that recompute the statistics from ``x``, so the double
+    backward (second-order MAML) sees them depend on ``x``. Tested in float64 against finite
+    differences and, to the third order, against batch norm written out from mean, var, rsqrt.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean = x.mean(0)
+        centred = x - mean
+        var = (centred * centred).mean(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        y = centred * scale if bias is None else torch.addcmul(bias, centred, scale)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor, *_: Any) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if not torch.is_grad_enabled():
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_b]
+            )
+            return gx, gw, gb, None
+        mean = x.mean(0)
+        centred = x - mean
+        invstd = torch.rsqrt((centred * centred).mean(0) + ctx.eps)
+        n = x.shape[0]
+        gb = grad_y.sum(0)
+        gw = (grad_y * centred).sum(0) * invstd  # the gradient of the weight: sum(grad_y * x_hat)
+        a = invstd if weight is None else invstd * weight
+        gx = torch.addcmul(torch.addcmul(-(a * gb / n), centred, -(a * invstd * gw / n)), grad_y, a)
+        return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
 
 
 def bn_layer(
@@ -264,9 +319,12 @@ def _channels_last_strided(x: torch.Tensor) -> bool:
     )
 
 
-def check_channels_last(call: str, value: object) -> bool | str:
-    if not (isinstance(value, bool) or value == "query"):
-        raise ValueError(f"{call}(channels_last): must be 'query', True or False, got {value!r}.")
+def check_channels_last(call: str, value: object) -> bool | None:
+    if not (value is None or isinstance(value, bool)):
+        raise ValueError(
+            f"{call}(channels_last): must be None (channels-last on the CPU), True (on every "
+            f"device) or False (never), got {value!r}."
+        )
     return value
 
 
@@ -286,10 +344,11 @@ def conv2d(
     stride: int = 1,
     padding: int = 0,
     *,
-    channels_last: bool = False,
+    channels_last: bool | None = False,
 ) -> torch.Tensor:
-    """``F.conv2d``; with ``channels_last``, on ``x`` in channels-last memory format (without,
-    in ``x``'s: a channels-last ``x`` gives a channels-last output, as torch does).
+    """``F.conv2d``; with ``channels_last`` (``None``: where ``x`` is on the CPU), on ``x`` in
+    channels-last memory format (without, in ``x``'s: a channels-last ``x`` gives a
+    channels-last output, as torch does).
 
     Only outside ``torch.func`` transforms and ``torch.compile`` (which pick their own layouts),
     so the weights' gradients come from ``torch.autograd`` (:func:`metafunc.inner.grad_with_aux`
@@ -298,7 +357,9 @@ def conv2d(
     ``F.conv2d``'s up to float rounding; see :func:`~metafunc.models.conv4` for what it costs
     and gains.
     """
-    return F.conv2d(to_channels_last(x) if channels_last else x, weight, bias, stride, padding)
+    if channels_last or (channels_last is None and x.device.type == "cpu"):
+        x = to_channels_last(x)
+    return F.conv2d(x, weight, bias, stride, padding)
 
 
 def linear(x: torch.Tensor, params: Params, name: str) -> torch.Tensor:

@@ -36,7 +36,7 @@ def conv4(
     pooling: str = "stride",
     image_size: int = 28,
     bn_momentum: float = 0.1,
-    channels_last: bool | str = "query",
+    channels_last: bool | None = None,
 ) -> Model:
     """Four blocks of [3x3 conv, batch norm, ReLU], then a linear head.
 
@@ -47,16 +47,12 @@ def conv4(
     (84 -> 42 -> 21 -> 10 -> 5), flattened (``hidden * 5 * 5`` features).
 
     Convolutions and head are Glorot-uniform with zero biases, batch norm weight 1, bias 0.
-    ``channels_last`` is the activations' memory format on the CPU
-    (:func:`metafunc.models.base.conv2d`, where oneDNN's channels-last convolutions are faster).
-    ``'query'``, the default: the algorithms' query passes run channels-last
-    (:attr:`Model.channels_last_query`), the support passes in the default layout. ``True``:
-    every pass, faster still (a second-order MAML meta-batch at Omniglot 20-way 1-shot with 5
-    steps 0.85-0.92x the default layout's time, 2 threads), but torch's CPU batch-norm kernel
-    for that layout sums in float32 less accurately and the inner steps amplify it: on a real
-    Omniglot 20-way meta-batch with 5 second-order steps the float32 meta-gradient's cosine with
-    float64 fell from 0.994 to 0.92 (5-way, 1 step: 1.00000 both). ``False``: the default layout
-    everywhere. float64 values are the same in all three.
+    ``channels_last`` is the activations' memory format (:func:`metafunc.models.base.conv2d`).
+    ``None``, the default: channels-last on the CPU, where oneDNN's convolutions are faster on
+    it (a second-order MAML meta-batch at Omniglot 20-way 1-shot with 5 steps about 0.8x the
+    default layout's time, 2 threads), and the default layout elsewhere. ``True``: channels-last
+    on every device; ``False``: never. Batch norm keeps the default layout's float32 accuracy
+    (:func:`~metafunc.models.base.batch_norm`); float64 values are the same in all three.
     Parameters: ``conv{i}.weight/bias``, ``bn{i}.weight/bias`` (i = 0..3), ``head.weight/bias``.
     ``num_classes=None`` builds the embedding network alone (Prototypical Networks); then
     ``apply`` returns the features.
@@ -112,7 +108,7 @@ def conv4(
                 params[f"conv{i}.bias"],
                 stride,
                 1,
-                channels_last=channels_last is True,
+                channels_last=channels_last,
             )
             x = bn_layer(params, state, new_state, f"bn{i}", x, training, bn_momentum)
             x = F.relu(x)
@@ -145,5 +141,4 @@ def conv4(
         head="head" if num_classes is not None else None,
         name=f"conv4-{hidden}-{pooling}{'-channels-last' if channels_last is True else ''}",
         vmap_exact=True,
-        channels_last_query=channels_last is not False,
     )

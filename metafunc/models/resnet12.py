@@ -35,7 +35,7 @@ def resnet12(
     channels: Sequence[int] = (64, 160, 320, 640),
     negative_slope: float = 0.1,
     bn_momentum: float = 0.1,
-    channels_last: bool | str = "query",
+    channels_last: bool | None = None,
 ) -> Model:
     """ResNet-12: four residual blocks, each three [3x3 conv, batch norm, leaky ReLU] with a
     1x1-conv + batch-norm shortcut and 2x2 max-pooling, then global average pooling.
@@ -44,8 +44,8 @@ def resnet12(
     have no bias and He-normal (fan-out) weights. Parameters:
     ``layer{b}.conv{j}.weight``, ``layer{b}.bn{j}.weight/bias`` (j = 1..3),
     ``layer{b}.shortcut.conv.weight``, ``layer{b}.shortcut.bn.weight/bias``, ``head.*``.
-    DropBlock is not included. ``channels_last`` (``'query'``, ``True``, ``False``): the
-    activations' memory format on the CPU, as in :func:`~metafunc.models.conv4`.
+    DropBlock is not included. ``channels_last`` (``None``: on the CPU, ``True``, ``False``):
+    the activations' memory format, as in :func:`~metafunc.models.conv4`.
     """
     check_channels_last("resnet12", channels_last)
     channels = list(channels)
@@ -86,12 +86,12 @@ def resnet12(
             out = x
             for j in (1, 2, 3):
                 w = params[f"{p}.conv{j}.weight"]
-                out = conv2d(out, w, padding=1, channels_last=channels_last is True)
+                out = conv2d(out, w, padding=1, channels_last=channels_last)
                 out = bn_layer(params, state, new_state, f"{p}.bn{j}", out, training, bn_momentum)
                 if j < 3:
                     out = F.leaky_relu(out, negative_slope)
             w = params[f"{p}.shortcut.conv.weight"]
-            short = conv2d(x, w, channels_last=channels_last is True)
+            short = conv2d(x, w, channels_last=channels_last)
             short = bn_layer(
                 params, state, new_state, f"{p}.shortcut.bn", short, training, bn_momentum
             )
@@ -124,5 +124,4 @@ def resnet12(
         name=f"resnet12-{'-'.join(map(str, channels))}"
         + ("-channels-last" if channels_last is True else ""),
         vmap_exact=True,
-        channels_last_query=channels_last is not False,
     )
