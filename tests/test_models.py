@@ -10,7 +10,7 @@ from torch import nn
 from metafunc import TaskBatch, adapt, conv4, from_module, mlp, optim, resnet12, task_map, tree
 from metafunc.inner import grad_with_aux
 from metafunc.models import batch_norm
-from metafunc.models.base import conv2d
+from metafunc.models.base import CHANNELS_LAST_MIN_PIXELS, conv2d
 
 
 def count(params: dict[str, torch.Tensor]) -> int:
@@ -182,9 +182,11 @@ def test_batch_norm_on_channels_last_input_is_accurate_in_float32(gen):
 
 
 def test_models_are_channels_last_on_the_cpu_by_default(gen, monkeypatch):
-    """conv4's default (``channels_last=None``): every convolution of MAML's support and query
-    passes runs on channels-last input on the CPU, and the meta-gradient is the default
-    layout's in float64; ``False`` keeps the default layout."""
+    """conv4's default (``channels_last=None``): on the CPU, every convolution of a pass with at
+    least CHANNELS_LAST_MIN_PIXELS input pixels runs on channels-last input (MAML's 6-image
+    query passes here), smaller passes (its 3-image support passes) keep the default layout,
+    and the meta-gradient is the default layout's in float64; ``False`` keeps the default
+    layout everywhere."""
     from metafunc.algorithms import MAML
 
     x = torch.randn(2, 6, 1, 28, 28, generator=gen, dtype=torch.float64)
@@ -206,7 +208,8 @@ def test_models_are_channels_last_on_the_cpu_by_default(gen, monkeypatch):
         )  # fmt: skip
         meta = alg.init(torch.Generator().manual_seed(0), dtype=torch.float64)
         grads[flag] = alg.meta_grad(meta, batch)[0]
-    assert {n for n, _ in seen[None]} == {3, 6} and all(last for _, last in seen[None])
+    assert 3 * 28 * 28 < CHANNELS_LAST_MIN_PIXELS <= 6 * 28 * 28
+    assert set(seen[None]) == {(3, False), (6, True)}
     assert not any(last for _, last in seen[False])
     err = tree.global_norm(tree.sub(grads[None], grads[False])) / tree.global_norm(grads[False])
     assert float(err) <= 1e-10

@@ -50,8 +50,11 @@ def conv4(
     ``channels_last`` is the activations' memory format (:func:`metafunc.models.base.conv2d`).
     ``None``, the default: channels-last on the CPU, where oneDNN's convolutions are faster on
     it (a second-order MAML meta-batch at Omniglot 20-way 1-shot with 5 steps about 0.8x the
-    default layout's time, 2 threads), and the default layout elsewhere. ``True``: channels-last
-    on every device; ``False``: never. Batch norm keeps the default layout's float32 accuracy
+    default layout's time, 2 threads), for batches of at least
+    :data:`~metafunc.models.base.CHANNELS_LAST_MIN_PIXELS` pixels (smaller ones, such as
+    Reptile's 5-image inner batches, were faster in the default layout), and the default
+    layout elsewhere. ``True``: channels-last on every device and batch; ``False``: never.
+    Batch norm keeps the default layout's float32 accuracy
     (:func:`~metafunc.models.base.batch_norm`); float64 values are the same in all three.
     Parameters: ``conv{i}.weight/bias``, ``bn{i}.weight/bias`` (i = 0..3), ``head.weight/bias``.
     ``num_classes=None`` builds the embedding network alone (Prototypical Networks); then
