@@ -3,19 +3,22 @@
 Each round times one second-order meta-gradient of every variant, starting one variant later
 than the round before, on the same Omniglot-shaped random tasks (conv4, stride pooling), so
 that a host whose speed drifts (a shared VM) moves every variant alike. Prints the median per
-variant and the median over rounds of ``plain / variant``, and writes JSON.
+variant and the median over rounds of ``first / variant`` (the first of ``--variants``,
+``plain`` by default), and writes JSON. ``--algorithm`` times first-order MAML, Reptile or ANIL
+instead of MAML (their variants only; ``plain`` is second-order MAML's reference).
 
 Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the peer
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on), ``auto-cl`` (``conv4(channels_last=True)``: channels-last on every device, the same as
-the default on the CPU) and ``auto-nchw`` (``channels_last=False``: never); every other variant
-has conv4's default, ``None`` (channels-last on the CPU).
+on), ``auto-cl`` (``conv4(channels_last=True)``: channels-last on every device and batch) and
+``auto-nchw`` (``channels_last=False``: never); every other variant has conv4's default,
+``None`` (channels-last on the CPU for passes of at least 4096 input pixels).
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
     python benchmarks/bench_strategies.py --ways 20 --meta-batch 16 --steps 5 --rounds 4
+    python benchmarks/bench_strategies.py --algorithm reptile --steps 5 --variants auto,auto-nchw
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_sampler import machine
 from benchmarks.peers.model import conv4_apply
 from metafunc import TaskBatch, tune_cpu_allocator
-from metafunc.algorithms import MAML
+from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, Reptile
 from metafunc.models import conv4
 
 VARIANTS: dict[str, tuple[str, bool | None, bool | None]] = {
@@ -50,6 +53,13 @@ VARIANTS: dict[str, tuple[str, bool | None, bool | None]] = {
     "loop-shared": ("loop", True, None),
     "threads": ("threads", None, None),
     "threads-shared": ("threads", True, None),
+}
+
+ALGORITHMS: dict[str, Callable[..., Any]] = {
+    "maml": MAML,
+    "fomaml": FirstOrderMAML,
+    "reptile": Reptile,
+    "anil": ANIL,
 }
 
 
@@ -90,14 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.4)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--variants", default=",".join(["plain", *VARIANTS]))
+    p.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="maml")
+    p.add_argument("--variants", default=None, help="default: plain (MAML only) and all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/bench_strategies.json"))
     args = p.parse_args(argv)
-    names = [n for n in args.variants.split(",") if n]
-    unknown = [n for n in names if n != "plain" and n not in VARIANTS]
-    if unknown or "plain" not in names:
-        p.error(f"--variants: need 'plain' and names from {sorted(VARIANTS)}; got {unknown}")
+    maml = args.algorithm == "maml"
+    default = ["plain", *VARIANTS] if maml else list(VARIANTS)
+    names = [n for n in args.variants.split(",") if n] if args.variants else default
+    unknown = [n for n in names if n not in VARIANTS and not (maml and n == "plain")]
+    if unknown or not names:
+        known = sorted(VARIANTS) + (["plain"] if maml else [])
+        p.error(f"--variants: names from {known} ({args.algorithm}); got {unknown or names}")
     tuned = tune_cpu_allocator()  # as metafunc train does
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -115,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         if name != "plain":
             strategy, shared, channels_last = VARIANTS[name]
             model = conv4(args.ways, hidden=args.hidden, channels_last=channels_last)
-            alg = MAML(
+            alg = ALGORITHMS[args.algorithm](
                 model, inner_lr=args.lr, inner_steps=args.steps, strategy=strategy,
-                shared_first_step=shared,
+                **({} if args.algorithm == "reptile" else {"shared_first_step": shared}),
             )  # fmt: skip
             calls[name] = lambda alg=alg: alg.meta_grad(meta, batch)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -131,18 +145,18 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - start)
     rows = []
     for name in names:
-        ratios = [a / b for a, b in zip(times["plain"], times[name], strict=True)]
+        ratios = [a / b for a, b in zip(times[names[0]], times[name], strict=True)]
         rows.append(
             {
                 "variant": name,
                 "median_s": statistics.median(times[name]),
-                "plain_over_this": statistics.median(ratios),
+                "first_over_this": statistics.median(ratios),
                 "times_s": times[name],
             }
         )
-    print(f"{'variant':16s} {'median s':>9s} {'plain / this':>13s}")
+    print(f"{args.algorithm}: {'variant':16s} {'median s':>9s} {names[0] + ' / this':>16s}")
     for row in rows:
-        print(f"{row['variant']:16s} {row['median_s']:9.3f} {row['plain_over_this']:13.2f}")
+        print(f"{row['variant']:16s} {row['median_s']:9.3f} {row['first_over_this']:16.2f}")
     result = {
         "machine": machine(torch.device("cpu")),
         "allocator_tuned": tuned,

@@ -219,7 +219,14 @@ def test_bench_strategies_times_every_variant_in_turn(tmp_path, capsys):
     names = [row["variant"] for row in result["rows"]]
     assert names == ["plain", *bench_strategies.VARIANTS]
     assert all(len(row["times_s"]) == 2 and row["median_s"] > 0 for row in result["rows"])
-    assert result["rows"][0]["plain_over_this"] == 1.0
+    assert result["rows"][0]["first_over_this"] == 1.0
     assert "plain / this" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_strategies.main([*args, "--variants", "plain,nope"])
+    # another algorithm: its own variants, the first as the base; plain is MAML's alone
+    assert bench_strategies.main([*args, "--algorithm", "reptile", "--variants", "auto,loop"]) == 0
+    result = json.loads(out.read_text())
+    assert [row["variant"] for row in result["rows"]] == ["auto", "loop"]
+    assert result["config"]["algorithm"] == "reptile" and "auto / this" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_strategies.main([*args, "--algorithm", "reptile", "--variants", "plain,auto"])

@@ -153,12 +153,13 @@ def batch_norm(
 
     A channels-last ``x`` on the CPU (what :func:`conv2d` makes there by default) is
     normalised as the ``[pixels, channels]`` matrix it is in memory, where the CPU kernels run
-    2-10x faster than on the strided 4-D view. Outside ``torch.func`` transforms that is
-    :class:`_RowBatchNorm`: torch's fused kernel for this layout sums each channel in one
-    float32 running sum (about 1e-6 relative error against 1e-7 in the default layout, which
-    five second-order inner steps amplify into a visibly different meta-gradient), so the
-    statistics come from torch's pairwise reductions instead. Inside a transform (where a
-    custom autograd function would need rules of its own) it is the fused kernel.
+    2-10x faster than on the strided 4-D view. Where autograd records it, outside
+    ``torch.func`` transforms, that is :class:`_RowBatchNorm`: torch's fused kernel for this
+    layout sums each channel in one float32 running sum (about 1e-6 relative error against
+    1e-7 in the default layout, which five second-order inner steps amplify into a visibly
+    different meta-gradient), so the statistics come from torch's pairwise reductions instead.
+    Elsewhere (a forward-only pass; inside a transform, where a custom autograd function would
+    need rules of its own) it is the fused kernel.
 
     Returns:
         ``(y, new_running_mean, new_running_var)``; the last two are ``None`` when no running
@@ -170,7 +171,7 @@ def batch_norm(
     if x.device.type == "cpu" and not under_vmap() and _channels_last_strided(x):
         n, c, h, w = x.shape
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)
-        if batch_stats and not any_transform() and not torch.compiler.is_compiling():
+        if batch_stats and _differentiated(x, weight, bias):
             y, mean, var = _RowBatchNorm.apply(rows, weight, bias, eps)
             if running_mean is not None and running_var is not None:
                 k = rows.shape[0]
@@ -215,6 +216,18 @@ def batch_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y, running_mean, running_var
+
+
+def _differentiated(*tensors: torch.Tensor | None) -> bool:
+    # where _RowBatchNorm is needed and can run: its accuracy matters for what a backward
+    # carries (a forward-only pass, e.g. under no_grad, is 1e-6 off at most), and a custom
+    # autograd function would need rules of its own inside torch.func transforms
+    return (
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in tensors)
+        and not any_transform()
+        and not torch.compiler.is_compiling()
+    )
 
 
 class _RowBatchNorm(torch.autograd.Function):
