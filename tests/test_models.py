@@ -160,8 +160,8 @@ def test_batch_norm_on_channels_last_input_is_exact_to_the_third_order(gen, affi
 
 def test_batch_norm_on_channels_last_input_is_accurate_in_float32(gen):
     """torch's fused CPU kernel for this layout sums each channel in one float32 running sum
-    (~1e-6 relative error at 60,000 pixels per channel, which second-order inner steps
-    amplify: 1.5e-6 to 3.6e-6 here); the channels-last path sums pairwise (1e-7 to 2e-7)."""
+    (1.5e-6 to 3.6e-6 relative error here, at 60,000 pixels per channel, which second-order
+    inner steps amplify); the channels-last path sums pairwise (1e-7 to 2e-7)."""
     x64 = torch.randn(600, 16, 10, 10, generator=gen, dtype=torch.float64) * 2 + 1
     w64 = torch.rand(16, generator=gen, dtype=torch.float64) + 0.5
     b64 = torch.randn(16, generator=gen, dtype=torch.float64)
