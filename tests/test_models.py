@@ -181,6 +181,25 @@ def test_batch_norm_on_channels_last_input_is_accurate_in_float32(gen):
         assert float((a.double() - b).norm() / b.norm()) < 5e-7
 
 
+def test_batch_norm_on_channels_last_input_under_bfloat16_autocast(gen):
+    """Under CPU autocast a convolution gives bfloat16 activations with float32 batch-norm
+    parameters: the channels-last path returns the dtype and values torch's kernel does, and
+    both backward passes run (float32 statistics, as torch's mixed-dtype kernel keeps them)."""
+    x = (torch.randn(8, 4, 9, 9, generator=gen) * 2 + 1).bfloat16().to(memory_format=CL)
+    weight = (torch.rand(4, generator=gen) + 0.5).requires_grad_()
+    bias = torch.randn(4, generator=gen).requires_grad_()
+    x.requires_grad_()
+    ref = F.batch_norm(x.detach().contiguous(), None, None, weight, bias, True)
+    y = batch_norm(x, weight, bias)[0]
+    assert y.dtype == ref.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), ref.float(), atol=0.05)
+    gx, gw = torch.autograd.grad(y.float().square().sum(), (x, weight), create_graph=True)
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    second = torch.autograd.grad(gw.square().sum() + gx.float().square().sum(), (x, weight, bias))
+    first = torch.autograd.grad(batch_norm(x, weight, bias)[0].float().sum(), (x, weight))
+    assert all(torch.isfinite(g.float()).all() for g in (*second, *first))
+
+
 def test_models_are_channels_last_on_the_cpu_by_default(gen, monkeypatch):
     """conv4's default (``channels_last=None``): on the CPU, every convolution of a pass with at
     least CHANNELS_LAST_MIN_PIXELS input pixels runs on channels-last input (MAML's 6-image

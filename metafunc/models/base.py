@@ -250,12 +250,11 @@ class _RowBatchNorm(torch.autograd.Function):
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mean = x.mean(0)
-        centred = x - mean
-        var = (centred * centred).mean(0)
+        mean, centred, var = _row_statistics(x)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight
         y = centred * scale if bias is None else torch.addcmul(bias, centred, scale)
+        y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
@@ -270,15 +269,30 @@ class _RowBatchNorm(torch.autograd.Function):
                 grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_b]
             )
             return gx, gw, gb, None
-        mean = x.mean(0)
-        centred = x - mean
-        invstd = torch.rsqrt((centred * centred).mean(0) + ctx.eps)
+        centred, var = _row_statistics(x)[1:]
+        rstd = torch.rsqrt(var + ctx.eps)
+        g = grad_y.to(centred.dtype)
         n = x.shape[0]
-        gb = grad_y.sum(0)
-        gw = (grad_y * centred).sum(0) * invstd  # the gradient of the weight: sum(grad_y * x_hat)
-        a = invstd if weight is None else invstd * weight
-        gx = torch.addcmul(torch.addcmul(-(a * gb / n), centred, -(a * invstd * gw / n)), grad_y, a)
-        return gx if need_x else None, gw if need_w else None, gb if need_b else None, None
+        gb = g.sum(0)
+        gw = (g * centred).sum(0) * rstd  # the gradient of the weight: sum(grad_y * x_hat)
+        a = rstd if weight is None else rstd * weight
+        gx = torch.addcmul(torch.addcmul(-(a * gb / n), centred, -(a * rstd * gw / n)), g, a)
+        return (
+            gx.to(x.dtype) if need_x else None,
+            gw if need_w else None,
+            gb if need_b else None,
+            None,
+        )
+
+
+def _row_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, x - mean, biased var)`` over the rows, at least in float32 (a bfloat16 ``x``
+    under CPU autocast gets float32 statistics, as torch's kernel keeps them)."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    mean = x.mean(0)
+    centred = x - mean
+    return mean, centred, (centred * centred).mean(0)
 
 
 def bn_layer(
