@@ -174,9 +174,9 @@ def batch_norm(
         if batch_stats and _differentiated(x, weight, bias):
             y, mean, var = _RowBatchNorm.apply(rows, weight, bias, eps)
             if running_mean is not None and running_var is not None:
-                k = rows.shape[0]
-                running_mean = (1 - momentum) * running_mean + momentum * mean
-                running_var = (1 - momentum) * running_var + momentum * var * (k / max(k - 1, 1))
+                running_mean, running_var = _update_running(
+                    running_mean, running_var, mean, var, rows.shape[0], momentum
+                )
         else:
             y, running_mean, running_var = batch_norm(
                 rows,
@@ -193,21 +193,19 @@ def batch_norm(
         # Outside vmap the fused kernel is exact to second order, and faster and leaner.
         y = F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
         if running_mean is not None and running_var is not None:
-            with torch.no_grad():
-                n = x.numel() // x.shape[1]
-                var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-                running_mean = (1 - momentum) * running_mean + momentum * mean
-                running_var = (1 - momentum) * running_var + momentum * var * (n / max(n - 1, 1))
+            var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+            running_mean, running_var = _update_running(
+                running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
+            )
         return y, running_mean, running_var
     if batch_stats:
         mean = x.mean(dim=dims)
         var = x.var(dim=dims, correction=0)
         y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
         if running_mean is not None and running_var is not None:
-            n = x.numel() // x.shape[1]
-            unbiased = var.detach() * (n / max(n - 1, 1))
-            running_mean = (1 - momentum) * running_mean + momentum * mean.detach()
-            running_var = (1 - momentum) * running_var + momentum * unbiased
+            running_mean, running_var = _update_running(
+                running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
+            )
     else:
         assert running_mean is not None and running_var is not None
         y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
@@ -216,6 +214,23 @@ def batch_norm(
     if bias is not None:
         y = y + bias.view(shape)
     return y, running_mean, running_var
+
+
+def _update_running(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    n: int,
+    momentum: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.nn.BatchNorm``'s update from a batch's mean and biased variance over ``n``
+    values per channel (unbiased variance, momentum, no gradient)."""
+    unbiased = var.detach() * (n / max(n - 1, 1))
+    return (
+        (1 - momentum) * running_mean + momentum * mean.detach(),
+        (1 - momentum) * running_var + momentum * unbiased,
+    )
 
 
 def _differentiated(*tensors: torch.Tensor | None) -> bool:
