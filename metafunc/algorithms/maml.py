@@ -277,23 +277,22 @@ class MAML(Algorithm):
     def _meta_grad_shared_first(
         self, meta_params: Any, batch: TaskBatch, iteration: int
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-        """:meth:`meta_grad` with every task's first support gradient from one ``vmap``.
+        """:meth:`meta_grad` with the tasks' first support gradients from one ``vmap`` per
+        chunk of :attr:`SHARED_STEP_TASKS` tasks.
 
         The meta-loss is ``mean_t L_t(theta, g_t(theta))`` with ``g_t`` task t's first support
         gradient. Its gradient is the per-task partials with ``g_t`` held as an input (the
         tasks run as the strategy runs them, one graph per task) plus, second order, the
-        vector-Jacobian product of the batched ``g`` with the stacked partials. The first
-        pass computes ``g`` without a graph; the product recomputes it with one. Both go
-        :attr:`SHARED_STEP_TASKS` tasks at a time, so the support passes of all tasks are never
-        in memory at once."""
+        vector-Jacobian product of the batched ``g`` with the stacked partials. Each chunk's
+        ``g`` is computed once, with its graph (second order), its tasks' query passes run, and
+        the product taken before the next chunk starts: the support passes of all tasks are
+        never in memory at once, and none is computed twice."""
         first_order = self.first_order_at(iteration)
         where = self.trainable
         flat, spec = optree.tree_flatten(meta_params)
         inputs = [x.detach().requires_grad_(not first_order) for x in flat]
 
-        def first_step(
-            leaves: list[torch.Tensor], tasks: TaskBatch, chunk_size: int | None = None
-        ) -> tuple[Any, torch.Tensor]:
+        def first_step(leaves: list[torch.Tensor], tasks: TaskBatch) -> tuple[Any, torch.Tensor]:
             params: Any = spec.unflatten(leaves)["params"]
             if where is None:
                 fast, frozen, pspec = params, None, None
@@ -305,57 +304,64 @@ class MAML(Algorithm):
                 return self.support_loss(full, task)
 
             grad = torch.func.grad_and_value(support)
-            return torch.func.vmap(grad, in_dims=(None, 0), chunk_size=chunk_size)(fast, tasks)
+            return torch.func.vmap(grad, in_dims=(None, 0))(fast, tasks)
 
         def chunk(start: int, stop: int) -> TaskBatch:
             return TaskBatch(*(f[start:stop] for f in batch))
 
         tasks = batch.num_tasks
-        with torch.no_grad():
-            held, loss0 = first_step(inputs, batch, self.SHARED_STEP_TASKS)
         device = inputs[0].device
         size = self.tasks_per_graph(tasks, device)
+        workers = task_workers(self._rest_strategy(device), device)
 
-        def piece_grad(start: int) -> Any:
-            stop = min(start + size, tasks)
+        def piece_grad(start: int, stop: int, held: Any, loss0: torch.Tensor) -> Any:
+            # tasks [start, stop) of the chunk whose first step is (held, loss0)
             piece = chunk(start, stop)
-            g_piece = mt.map(lambda g: g[start:stop], held)
 
             def objective(tree: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-                m, g = tree if not first_order else (tree, g_piece)
+                m, g = tree if not first_order else (tree, held)
                 losses, metrics = self._map_with_first(
                     lambda mp_, t, g_, l_: self._query_loss(mp_, t, iteration, (g_, l_))
-                )(m, piece, g, loss0[start:stop])
+                )(m, piece, g, loss0)
                 return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
-            tree = meta_params if first_order else (meta_params, g_piece)
+            tree = meta_params if first_order else (meta_params, held)
             return stop - start, gradient(objective, mt.detach(tree))
 
-        g_parts: list[Any] = []  # per piece: the first gradients' partials, weighted
+        through: list[torch.Tensor | None] = [None] * len(inputs)
 
         def weighted() -> Iterator[tuple[float, Any]]:
-            calls = [functools.partial(piece_grad, s) for s in range(0, tasks, size)]
-            workers = task_workers(self._rest_strategy(device), device)
-            for n, (grads, loss, metrics) in run_tasks(calls, workers):
-                if not first_order:
-                    grads, g_grad = grads
-                    g_parts.append(mt.scale(n / tasks, g_grad))
-                yield n / tasks, (grads, loss, metrics)
+            for c_start in range(0, tasks, self.SHARED_STEP_TASKS):
+                c_stop = min(c_start + self.SHARED_STEP_TASKS, tasks)
+                with torch.set_grad_enabled(not first_order):
+                    g0, loss0 = first_step(inputs, chunk(c_start, c_stop))
+                loss0 = loss0.detach()
+                calls = []
+                for s in range(c_start, c_stop, size):
+                    e = min(s + size, c_stop)
+                    a, z = s - c_start, e - c_start
+                    held = mt.map(lambda g, a=a, z=z: g[a:z], g0)
+                    calls.append(functools.partial(piece_grad, s, e, held, loss0[a:z]))
+                g_parts: list[Any] = []  # the chunk's first gradients' partials, weighted
+                for n, (grads, loss, metrics) in run_tasks(calls, workers):
+                    if not first_order:
+                        grads, g_grad = grads
+                        g_parts.append(mt.scale(n / tasks, g_grad))
+                    yield n / tasks, (grads, loss, metrics)
+                if first_order:
+                    continue
+                cotangent = mt.leaves(mt.map(lambda *xs: torch.cat(xs), *g_parts))
+                g_parts.clear()
+                pulled = torch.autograd.grad(mt.leaves(g0), inputs, cotangent, allow_unused=True)
+                del g0
+                for i, (prev, t) in enumerate(zip(through, pulled, strict=True)):
+                    if t is not None:
+                        through[i] = t if prev is None else prev + t
 
         grads, loss, metrics = cast(Result, weighted_sum(weighted()))
         if first_order:
             return grads, loss, metrics
-        cotangent = mt.leaves(mt.map(lambda *xs: torch.cat(xs), *g_parts))
-        g_parts.clear()
-        out = mt.leaves(grads)
-        for start in range(0, tasks, self.SHARED_STEP_TASKS):
-            stop = min(start + self.SHARED_STEP_TASKS, tasks)
-            with torch.enable_grad():
-                g0, _ = first_step(inputs, chunk(start, stop))
-            through = torch.autograd.grad(
-                mt.leaves(g0), inputs, [c[start:stop] for c in cotangent], allow_unused=True
-            )
-            out = [g if t is None else g + t for g, t in zip(out, through, strict=True)]
+        out = [g if t is None else g + t for g, t in zip(mt.leaves(grads), through, strict=True)]
         return cast(Any, spec.unflatten(out)), loss, metrics
 
     def _rest_strategy(self, device: torch.device) -> str:
