@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from metafunc import TaskBatch, conv4, from_module, mlp, optim, tree
+from metafunc._transforms import any_transform
 from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, MAMLPlusPlus, MetaSGD
 from metafunc.algorithms.mamlpp import msl_weights
 
@@ -147,6 +148,41 @@ def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, monkeyp
     )
     check(alg, meta, batch, ref)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads"])
+@pytest.mark.parametrize("cls", [MAML, FirstOrderMAML, MetaSGD])
+def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, monkeypatch):
+    """Three tasks in chunks of two (a full chunk and a partial one): the meta-gradient is the
+    reference's, and each chunk's first step is computed once (one vmapped support pass per
+    chunk, none repeated for the second-order term)."""
+    monkeypatch.setattr(MAML, "SHARED_STEP_TASKS", 2)
+    alg = cls(
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy,
+        shared_first_step=True,
+    )  # fmt: skip
+    meta = alg.init(gen, dtype=torch.float64)
+    rates = {k: torch.full_like(v, LR) for k, v in meta["params"].items()}
+    if cls is MetaSGD:  # distinct per-entry rates, so a mix-up of leaves cannot pass
+        rates = {
+            k: v * (1 + 0.5 * torch.rand(v.shape, generator=gen, dtype=v.dtype))
+            for k, v in rates.items()
+        }
+        meta["lr"] = rates
+    ref = ref_meta_grad(
+        meta, batch, 2, lr=lambda leaves, k, n: leaves.get(f"lr.{n}", LR),
+        first_order=cls is FirstOrderMAML,
+    )  # fmt: skip
+    supports = []
+    original = cls.support_loss
+
+    def counted(self, params, task):
+        supports.append(any_transform())  # the vmapped first step, or a task's later step
+        return original(self, params, task)
+
+    monkeypatch.setattr(cls, "support_loss", counted)
+    check(alg, meta, batch, ref)
+    assert supports.count(True) == 2 and supports.count(False) == 3, supports
 
 
 def test_maml_shared_first_step_only_at_the_top_level(gen, batch):

@@ -57,19 +57,21 @@ class MAML(Algorithm):
     ``torch.func.vmap`` with the meta-parameters unmapped, where the task axis folds into the
     batch of each convolution (dense kernels, not the grouped ones of a mapped model), then
     run the rest of each task's inner loop and its query loss per task; the second-order term
-    of the first step is a batched vector-Jacobian product. The same gradients (tested in
+    of the first step is a batched vector-Jacobian product, taken :attr:`SHARED_STEP_TASKS`
+    tasks at a time: a chunk's first step is computed once with its graph, its tasks' query
+    passes run, and the product is taken before the next chunk. The same gradients (tested in
     float64). ``True`` does so on the per-task strategies (``'loop'``, ``'threads'``);
     ``None`` (the default) where it measured faster on a 2-core CPU: a one-step inner loop
     whose tasks then run one after another, under ``'loop'`` or ``'auto'`` on the CPU (which
-    then runs the query passes as ``'loop'``; Omniglot 5-way 1-shot, in one process:
-    1.0-1.25x the per-task loop, depending on the hour). ``'threads'`` gained less from it, and
-    with more inner steps it was within the noise (20-way, 5 steps, ``'loop'``: 3.59 s against
-    3.10 s in one run, 3.67 s against 3.77 s in another), so ``'auto'`` keeps ``'threads'``
-    without it there. ``None`` shares only
-    for a model known to be exact under ``vmap`` (``Model.vmap_exact``: metafunc's own
-    models, not :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that
-    ``'loop'`` stays the safe reference for them); ``True`` asserts it for any model. ``False``
-    never. ``'vmap'`` and ``'chunked'`` share the first step anyway.
+    then runs the query passes as ``'loop'``; Omniglot 5-way 1-shot, second order, one
+    process: 0.92 s against 1.21 s with ``shared_first_step=False``). ``'threads'`` gained
+    less from it, and with more inner steps it was within the noise (20-way, 5 steps: 1.84 s
+    under ``'threads'`` against 1.77 s without it, ``'loop'`` 2.31 s), so ``'auto'`` keeps
+    ``'threads'`` without it there. ``None`` shares only for a model known to be exact under
+    ``vmap`` (``Model.vmap_exact``: metafunc's own models, not
+    :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that ``'loop'``
+    stays the safe reference for them); ``True`` asserts it for any model. ``False`` never.
+    ``'vmap'`` and ``'chunked'`` share the first step anyway.
     """
 
     model: Model
@@ -82,7 +84,8 @@ class MAML(Algorithm):
     chunk_size: int | None = None
     checkpoint: bool = False
     shared_first_step: bool | None = None
-    # tasks whose first-step graph the second-order term of the shared first step holds at once
+    # tasks whose first step the shared first step computes at once (and, second order, whose
+    # first-step graph it holds while their query passes run)
     SHARED_STEP_TASKS: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
