@@ -139,7 +139,8 @@ def batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Batch normalisation over dim 1 of ``x`` written from primitive ops (mean, var, rsqrt).
+    """Batch normalisation over dim 1 of ``x`` written from primitive ops (the mean, the mean of
+    the squared centred input, rsqrt, one multiply-add).
 
     ``F.batch_norm`` in training mode gives wrong second-order gradients under
     ``torch.func.vmap`` on torch 2.14 (functorch#534); under ``vmap`` this version uses the
@@ -200,20 +201,22 @@ def batch_norm(
         return y, running_mean, running_var
     if batch_stats:
         mean = x.mean(dim=dims)
-        var = x.var(dim=dims, correction=0)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+        centred = x - mean.view(shape)
+        var = (centred * centred).mean(dim=dims)
         if running_mean is not None and running_var is not None:
             running_mean, running_var = _update_running(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
             )
     else:
         assert running_mean is not None and running_var is not None
-        y = (x - running_mean.view(shape)) * torch.rsqrt(running_var.view(shape) + eps)
+        centred, var = x - running_mean.view(shape), running_var
+    # one pass for scale and shift: y = centred * (rstd * weight) + bias
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y, running_mean, running_var
+        scale = scale * weight
+    if bias is None:
+        return centred * scale.view(shape), running_mean, running_var
+    return torch.addcmul(bias.view(shape), centred, scale.view(shape)), running_mean, running_var
 
 
 def _update_running(
