@@ -111,6 +111,50 @@ def test_conv2d_channels_last_outside_transforms(gen):
     assert grad.is_contiguous()
 
 
+@pytest.mark.parametrize(
+    ("stride", "padding", "layout", "needs"),
+    [
+        (2, 1, CL, "xwb"),
+        (1, 1, torch.contiguous_format, "xwb"),
+        (2, 0, CL, "wb"),  # a first layer: the images need no gradient
+        (1, 1, torch.contiguous_format, "x"),
+    ],
+)
+def test_conv2d_backward_is_exact_to_the_third_order(gen, stride, padding, layout, needs):
+    """conv2d's own backward (one convolution_backward call at first order; under create_graph
+    a function whose double backward uses the forward and backward kernels) against finite
+    differences, and three orders of gradients against F.conv2d."""
+    x = torch.randn(3, 4, 7, 7, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
+    w = torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    out = F.conv2d(x, w, b, stride, padding)
+    r = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    tensors = {"x": x, "w": w, "b": b}
+    for name, t in tensors.items():
+        t.requires_grad_(name in needs)
+    inputs = [tensors[n] for n in needs]
+
+    def loss(*args, conv=conv2d):
+        given = dict(zip(needs, args, strict=True))
+        xx, ww, bb = (given.get(n, tensors[n]) for n in "xwb")
+        return (conv(xx, ww, bb, stride, padding) * r).sin().sum()
+
+    assert torch.autograd.gradcheck(loss, inputs)
+    assert torch.autograd.gradgradcheck(loss, inputs)
+    orders = {}
+    for label, conv in (("ours", conv2d), ("torch", F.conv2d)):
+        g1 = torch.autograd.grad(loss(*inputs, conv=conv), inputs, create_graph=True)
+        g2 = torch.autograd.grad(sum((g.sin()).sum() for g in g1), inputs, create_graph=True)
+        g3 = torch.autograd.grad(sum((g * g).sum() for g in g2), inputs)
+        orders[label] = [*g1, *g2, *g3]
+    for a, c in zip(orders["ours"], orders["torch"], strict=True):
+        assert torch.allclose(a, c, rtol=1e-9, atol=1e-12)
+    # autograd records conv2d as metafunc's function; a forward-only pass stays F.conv2d's
+    assert type(conv2d(x, w, b, stride, padding).grad_fn).__name__ == ("_Conv2dBackward")
+    with torch.no_grad():
+        assert conv2d(x, w, b, stride, padding).grad_fn is None
+
+
 def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
     x = torch.randn(6, 4, 5, 5, generator=gen, dtype=torch.float64) * 3 + 1
     weight = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
