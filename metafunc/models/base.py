@@ -237,9 +237,10 @@ def _update_running(
 
 
 def _differentiated(*tensors: torch.Tensor | None) -> bool:
-    # where _RowBatchNorm is needed and can run: its accuracy matters for what a backward
-    # carries (a forward-only pass, e.g. under no_grad, is 1e-6 off at most), and a custom
-    # autograd function would need rules of its own inside torch.func transforms
+    # where autograd records the call and metafunc's own autograd functions (_RowBatchNorm,
+    # _Conv2d) can run: their backward is what they change (a forward-only pass, e.g. under
+    # no_grad, keeps torch's kernels), and inside torch.func transforms or torch.compile a
+    # custom autograd function would need rules of its own
     return (
         torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in tensors)
