@@ -200,9 +200,7 @@ def batch_norm(
             )
         return y, running_mean, running_var
     if batch_stats:
-        mean = x.mean(dim=dims)
-        centred = x - mean.view(shape)
-        var = (centred * centred).mean(dim=dims)
+        mean, centred, var = _statistics(x, dims, shape)
         if running_mean is not None and running_var is not None:
             running_mean, running_var = _update_running(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
@@ -304,14 +302,22 @@ class _RowBatchNorm(torch.autograd.Function):
         )
 
 
+def _statistics(
+    x: torch.Tensor, dims: list[int], shape: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean, x - mean, biased var)`` over ``dims`` (``shape`` broadcasts a statistic back to
+    ``x``): two passes, the variance from the centred values, sums by torch's reductions."""
+    mean = x.mean(dim=dims)
+    centred = x - mean.view(shape)
+    return mean, centred, (centred * centred).mean(dim=dims)
+
+
 def _row_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, x - mean, biased var)`` over the rows, at least in float32 (a bfloat16 ``x``
-    under CPU autocast gets float32 statistics, as torch's kernel keeps them)."""
+    """:func:`_statistics` over the rows, at least in float32 (a bfloat16 ``x`` under CPU
+    autocast gets float32 statistics, as torch's kernel keeps them)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    mean = x.mean(0)
-    centred = x - mean
-    return mean, centred, (centred * centred).mean(0)
+    return _statistics(x, [0], [1, -1])
 
 
 def bn_layer(
@@ -407,9 +413,9 @@ def conv2d(
     autocast) its backward is :class:`_Conv2d`'s, whose double backward uses oneDNN's forward
     and backward kernels throughout (measured on the CPU only; CUDA keeps torch's).
     """
-    if channels_last or (channels_last is None and x.device.type == "cpu" and _worth_it(x)):
-        x = to_channels_last(x)
     cpu = x.device.type == "cpu"
+    if channels_last or (channels_last is None and cpu and _worth_it(x)):
+        x = to_channels_last(x)
     if cpu and _differentiated(x, weight, bias) and not torch.is_autocast_enabled("cpu"):
         return cast(torch.Tensor, _Conv2d.apply(x, weight, bias, stride, padding))
     return F.conv2d(x, weight, bias, stride, padding)
