@@ -10,7 +10,7 @@ from torch import nn
 from metafunc import TaskBatch, adapt, conv4, from_module, mlp, optim, resnet12, task_map, tree
 from metafunc.inner import grad_with_aux
 from metafunc.models import batch_norm
-from metafunc.models.base import CHANNELS_LAST_MIN_PIXELS, conv2d
+from metafunc.models.base import CHANNELS_LAST_MIN_PIXELS, _column_sum, conv2d
 
 
 def count(params: dict[str, torch.Tensor]) -> int:
@@ -168,11 +168,33 @@ def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
             assert torch.allclose(a, b, atol=1e-12)
 
 
+@pytest.fixture
+def intra_op_threads(request):
+    """``torch.set_num_threads(request.param)`` for one test (the suite runs on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("intra_op_threads", [2, 3], indirect=True)
+def test_column_sum_by_slabs_of_rows_is_the_sum(gen, intra_op_threads):
+    """Batch norm's row sums (one slab of rows per intra-op thread, the rest added after)
+    equal ``sum(0)`` for row counts below, at and off a multiple of the thread count."""
+    for rows in (1, 2, 5, 6, 7, 27, 1001):
+        x = torch.randn(rows, 8, generator=gen, dtype=torch.float64)
+        assert torch.allclose(_column_sum(x), x.sum(0), rtol=1e-13, atol=1e-13), rows
+
+
+@pytest.mark.parametrize("intra_op_threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_on_channels_last_input_is_exact_to_the_third_order(gen, affine):
+def test_batch_norm_on_channels_last_input_is_exact_to_the_third_order(
+    gen, affine, intra_op_threads
+):
     """The channels-last path's own backward (fused kernel at first order, recomputed
     statistics under create_graph) against finite differences, and three orders of gradients
-    against batch norm written out from mean, var and rsqrt."""
+    against batch norm written out from mean, var and rsqrt (27 rows: with two threads, two
+    slabs of 13 and one row left over)."""
     x = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1
     weight = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5) if affine else None
     bias = torch.randn(4, generator=gen, dtype=torch.float64) if affine else None

@@ -290,8 +290,8 @@ class _RowBatchNorm(torch.autograd.Function):
         rstd = torch.rsqrt(var + ctx.eps)
         g = grad_y.to(centred.dtype)
         n = x.shape[0]
-        gb = g.sum(0)
-        gw = (g * centred).sum(0) * rstd  # the gradient of the weight: sum(grad_y * x_hat)
+        gb = _column_sum(g)
+        gw = _column_sum(g * centred) * rstd  # the gradient of the weight: sum(grad_y * x_hat)
         a = rstd if weight is None else rstd * weight
         gx = torch.addcmul(torch.addcmul(-(a * gb / n), centred, -(a * rstd * gw / n)), g, a)
         return (
@@ -313,11 +313,32 @@ def _statistics(
 
 
 def _row_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_statistics` over the rows, at least in float32 (a bfloat16 ``x`` under CPU
-    autocast gets float32 statistics, as torch's kernel keeps them)."""
+    """:func:`_statistics` over the rows (by :func:`_column_sum`), at least in float32 (a
+    bfloat16 ``x`` under CPU autocast gets float32 statistics, as torch's kernel keeps them)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    return _statistics(x, [0], [1, -1])
+    rows = x.shape[0]
+    mean = _column_sum(x) / rows
+    centred = x - mean
+    return mean, centred, _column_sum(centred * centred) / rows
+
+
+def _column_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(0)`` of a ``[rows, channels]`` matrix, as one slab of rows per intra-op thread.
+
+    torch splits a reduction over dim 0 by columns, so each thread reads part of every row,
+    half of them (with two threads) just written by the other core in the elementwise op before;
+    its reductions over the leading dim of ``[threads, rows / threads, channels]`` split by
+    slabs, the rows each thread wrote. On a 2-core EPYC VM, a 14,700 x 64 sum straight after
+    an elementwise op took 0.93-0.96 ms one way and 0.08-0.09 ms the other (0.14 ms on one
+    thread); a second-order MAML meta-batch at Omniglot 5-way 1-shot (mb 32, two threads, one
+    process, alternating) 0.628 s against 0.676 s. Sums by torch's pairwise cascade either way."""
+    rows, slabs = x.shape[0], torch.get_num_threads()
+    if slabs == 1 or rows < 2 * slabs:
+        return x.sum(0)
+    per = rows // slabs
+    total = x[: per * slabs].reshape(slabs, per, -1).sum(1).sum(0)
+    return total if per * slabs == rows else total + x[per * slabs :].sum(0)
 
 
 def bn_layer(
