@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +47,44 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_model() -> str | None:
+    """``'family F model M'`` from ``/proc/cpuinfo`` (a VM's ``model name`` may be bare)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if len(fields) < 2:
+        return None
+    return f"family {fields['cpu family']} model {fields['model']}"
+
+
+def commit() -> str | None:
+    """The checkout's ``git`` commit, with ``+dirty`` when tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True,
+        )  # fmt: skip
+    except OSError:
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu_name(),
+        "cpu_model": cpu_model(),
+        "commit": commit(),
         "cpu_count": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__,

@@ -230,3 +230,18 @@ def test_bench_strategies_times_every_variant_in_turn(tmp_path, capsys):
     assert result["config"]["algorithm"] == "reptile" and "auto / this" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_strategies.main([*args, "--algorithm", "reptile", "--variants", "plain,auto"])
+
+
+def test_driver_results_name_the_machine_and_commit(tmp_path: Path) -> None:
+    """The written results say where and from what they came: the JSON's machine (CPU, its
+    family and model, the commit) and the markdown's first line."""
+    from benchmarks.peers import driver
+
+    out = tmp_path / "r.json"
+    args = ["--check", "--settings", "omniglot-5w1s", "--impls", "plain,metafunc"]
+    args += ["--orders", "second", "--workdir", str(tmp_path), "--out", str(out)]
+    assert driver.main(args) == 0
+    where = json.loads(out.read_text())["machine"]
+    assert where["cpu"] and where["cpu_count"] >= 1 and "commit" in where
+    header = out.with_suffix(".md").read_text().splitlines()[0]
+    assert header.startswith(where["date"]) and f"commit {where['commit']}" in header

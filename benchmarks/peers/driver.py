@@ -30,6 +30,7 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
+from benchmarks.bench_sampler import machine  # noqa: E402
 from benchmarks.peers.inputs import make_inputs  # noqa: E402
 from benchmarks.peers.spec import SETTINGS, Spec, setting, tiny  # noqa: E402
 
@@ -402,9 +403,16 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
             "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
             "allocator_env": env,  # --same-allocator's; rows' `allocator`: each process's
+            "machine": machine(torch.device(args.device)),
         }  # fmt: skip
         args.out.write_text(json.dumps({**meta, "rows": summary, "speedups": ratios}, indent=2))
-        args.out.with_suffix(".md").write_text(table + "\n")
+        where = meta["machine"]
+        header = (
+            f"{where['date']} on {where['cpu']} ({where['cpu_model']}, {where['cpu_count']} "
+            f"CPUs{', ' + where['gpu'] if 'gpu' in where else ''}), commit {where['commit']}, "
+            f"{args.threads or 'default'} threads per process, {args.rounds} round(s)"
+        )
+        args.out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
         print(f"results: {args.out}")
     return 1 if failed else 0
 
