@@ -133,32 +133,35 @@ def test_maml_and_first_order(gen, batch, strategy, shared, cls, steps, monkeypa
     assert len(calls) == int(shared and strategy != "vmap")
 
 
+@pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("strategy", ["loop", "threads"])
-def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, monkeypatch):
+def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, steps, monkeypatch):
     """Only the head adapts: the first step's gradient covers the head, and the frozen body
-    still gets the second-order term through it."""
+    still gets the second-order term through it (one step: through the batched update too)."""
     alg = MAML(
-        conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy, trainable="head",
-        shared_first_step=True,
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, strategy=strategy,
+        trainable="head", shared_first_step=True,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
     calls = takes_shared_path(alg, meta, monkeypatch, True)
     ref = ref_meta_grad(
-        meta, batch, 2, lr=lambda leaves, k, n: LR, adapt_keys=["head.weight", "head.bias"]
+        meta, batch, steps, lr=lambda leaves, k, n: LR, adapt_keys=["head.weight", "head.bias"]
     )
     check(alg, meta, batch, ref)
     assert calls == [1]
 
 
+@pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("strategy", ["loop", "threads"])
 @pytest.mark.parametrize("cls", [MAML, FirstOrderMAML, MetaSGD])
-def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, monkeypatch):
+def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, steps, monkeypatch):
     """Three tasks in chunks of two (a full chunk and a partial one): the meta-gradient is the
     reference's, and each chunk's first step is computed once (one vmapped support pass per
-    chunk, none repeated for the second-order term)."""
+    chunk, none repeated for the second-order term; with one step, the chunk's update batched
+    and no support pass per task)."""
     monkeypatch.setattr(MAML, "SHARED_STEP_TASKS", 2)
     alg = cls(
-        conv4(3, hidden=6), inner_lr=LR, inner_steps=2, strategy=strategy,
+        conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, strategy=strategy,
         shared_first_step=True,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
@@ -170,7 +173,7 @@ def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, monkeypatch
         }
         meta["lr"] = rates
     ref = ref_meta_grad(
-        meta, batch, 2, lr=lambda leaves, k, n: leaves.get(f"lr.{n}", LR),
+        meta, batch, steps, lr=lambda leaves, k, n: leaves.get(f"lr.{n}", LR),
         first_order=cls is FirstOrderMAML,
     )  # fmt: skip
     supports = []
@@ -182,7 +185,8 @@ def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, monkeypatch
 
     monkeypatch.setattr(cls, "support_loss", counted)
     check(alg, meta, batch, ref)
-    assert supports.count(True) == 2 and supports.count(False) == 3, supports
+    later = 3 * (steps - 1)  # the tasks' own support passes, after the shared one
+    assert supports.count(True) == 2 and supports.count(False) == later, supports
 
 
 def test_maml_shared_first_step_only_at_the_top_level(gen, batch):

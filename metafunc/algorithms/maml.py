@@ -148,6 +148,12 @@ class MAML(Algorithm):
             meta_params, self.inner_steps, first_order=self.first_order_at(iteration)
         )
         adapted, _ = inner(meta_params["params"], task, first=first)
+        return self._scored(adapted, task)
+
+    def _scored(
+        self, adapted: Any, task: TaskBatch
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The query loss and metrics of adapted parameters."""
         preds = self.predict(adapted, task)
         return loss_fn_of(self.loss)(preds, task.query_y), task_metrics(
             self.loss, preds, task.query_y
@@ -284,16 +290,27 @@ class MAML(Algorithm):
         chunk of :attr:`SHARED_STEP_TASKS` tasks.
 
         The meta-loss is ``mean_t L_t(theta, g_t(theta))`` with ``g_t`` task t's first support
-        gradient. Its gradient is the per-task partials with ``g_t`` held as an input (the
-        tasks run as the strategy runs them, one graph per task) plus, second order, the
-        vector-Jacobian product of the batched ``g`` with the stacked partials. Each chunk's
-        ``g`` is computed once, with its graph (second order), its tasks' query passes run, and
-        the product taken before the next chunk starts: the support passes of all tasks are
-        never in memory at once, and none is computed twice."""
+        gradient. Each chunk's ``g`` is computed once, with its graph (second order), its
+        tasks' query passes run (one graph per task, as the strategy runs them), and a
+        vector-Jacobian product through the first step is taken before the next chunk starts:
+        the support passes of all tasks are never in memory at once, and none is computed twice.
+
+        With one inner step, the chunk's first update is batched too (``adapt`` with ``first``,
+        under ``vmap``): each task's query pass differentiates its adapted parameters as leaves
+        of their own, and one product through the batched update and first step carries the
+        stacked query gradients to the meta-parameters (the update's own operations run once
+        per chunk instead of once per task, forward and backward: a 5-way 1-shot meta-batch of
+        32 tasks on a 2-core EPYC, two threads, in one process, 0.528 s against 0.564 s at
+        second order, 1.07x by round, 1.03x at first order). With more steps each task holds
+        ``g`` as an input of its own inner loop, and the product takes the stacked partials
+        with respect to it."""
         first_order = self.first_order_at(iteration)
+        one_step = self.inner_steps == 1
         where = self.trainable
         flat, spec = optree.tree_flatten(meta_params)
-        inputs = [x.detach().requires_grad_(not first_order) for x in flat]
+        # one step: the batched update is differentiated (theta enters it directly) whatever
+        # the order; the first step's own graph only at second order
+        inputs = [x.detach().requires_grad_(one_step or not first_order) for x in flat]
 
         def first_step(leaves: list[torch.Tensor], tasks: TaskBatch) -> tuple[Any, torch.Tensor]:
             params: Any = spec.unflatten(leaves)["params"]
@@ -309,27 +326,33 @@ class MAML(Algorithm):
             grad = torch.func.grad_and_value(support)
             return torch.func.vmap(grad, in_dims=(None, 0))(fast, tasks)
 
+        def first_update(leaves: list[torch.Tensor], g0: Any, loss0: torch.Tensor) -> Any:
+            # every task's parameters after the first step, stacked on a leading task axis
+            mp: Any = spec.unflatten(leaves)
+            inner = self.inner_loop(mp, 1, first_order=first_order)
+            return torch.func.vmap(lambda g, l: inner(mp["params"], None, first=(g, l))[0])(
+                g0, loss0
+            )
+
         def chunk(start: int, stop: int) -> TaskBatch:
             return TaskBatch(*(f[start:stop] for f in batch))
 
         tasks = batch.num_tasks
-        device = inputs[0].device
-        size = self.tasks_per_graph(tasks, device)
-        workers = task_workers(self._rest_strategy(device), device)
+        workers = task_workers(self._rest_strategy(inputs[0].device), inputs[0].device)
 
-        def piece_grad(start: int, stop: int, held: Any, loss0: torch.Tensor) -> Any:
-            # tasks [start, stop) of the chunk whose first step is (held, loss0)
-            piece = chunk(start, stop)
+        def task_grad(t: int, held: Any, loss0: torch.Tensor) -> Any:
+            # task t alone (the strategies that share the step run one graph per task); held:
+            # its adapted parameters (one step) or its first gradient (more steps)
+            task = TaskBatch(*(f[t] for f in batch))
 
             def objective(tree: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                if one_step:
+                    return self._scored(tree, task)
                 m, g = tree if not first_order else (tree, held)
-                losses, metrics = self._map_with_first(
-                    lambda mp_, t, g_, l_: self._query_loss(mp_, t, iteration, (g_, l_))
-                )(m, piece, g, loss0)
-                return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+                return self._query_loss(m, task, iteration, (g, loss0))
 
-            tree = meta_params if first_order else (meta_params, held)
-            return stop - start, gradient(objective, mt.detach(tree))
+            tree = held if one_step else meta_params if first_order else (meta_params, held)
+            return gradient(objective, mt.detach(tree))
 
         through: list[torch.Tensor | None] = [None] * len(inputs)
 
@@ -339,32 +362,43 @@ class MAML(Algorithm):
                 with torch.set_grad_enabled(not first_order):
                     g0, loss0 = first_step(inputs, chunk(c_start, c_stop))
                 loss0 = loss0.detach()
-                calls = []
-                for s in range(c_start, c_stop, size):
-                    e = min(s + size, c_stop)
-                    a, z = s - c_start, e - c_start
-                    held = mt.map(lambda g, a=a, z=z: g[a:z], g0)
-                    calls.append(functools.partial(piece_grad, s, e, held, loss0[a:z]))
-                g_parts: list[Any] = []  # the chunk's first gradients' partials, weighted
-                for n, (grads, loss, metrics) in run_tasks(calls, workers):
-                    if not first_order:
+                # what the chunk's product starts from: its adapted parameters (one step) or
+                # its first gradients (second order, more steps); nothing (first order, more
+                # steps: the tasks' own gradients are the whole of it)
+                start = first_update(inputs, g0, loss0) if one_step else g0
+                calls = [
+                    functools.partial(task_grad, t, mt.map(lambda x, i=i: x[i], start), loss0[i])
+                    for i, t in enumerate(range(c_start, c_stop))
+                ]
+                parts: list[Any] = []  # each task's partials with respect to `start`
+                for grads, loss, metrics in run_tasks(calls, workers):
+                    if one_step:  # the meta-parameters' gradient is all in the product
+                        parts.append(grads)
+                        grads = None
+                    elif not first_order:
                         grads, g_grad = grads
-                        g_parts.append(mt.scale(n / tasks, g_grad))
-                    yield n / tasks, (grads, loss, metrics)
-                if first_order:
+                        parts.append(g_grad)
+                    yield 1 / tasks, (grads, loss, metrics)
+                if not parts:
                     continue
-                cotangent = mt.leaves(mt.map(lambda *xs: torch.cat(xs), *g_parts))
-                g_parts.clear()
-                pulled = torch.autograd.grad(mt.leaves(g0), inputs, cotangent, allow_unused=True)
-                del g0
+                leaves = [mt.leaves(p) for p in parts]
+                cotangent = [torch.stack(xs) / tasks for xs in zip(*leaves, strict=True)]
+                parts.clear()
+                pulled = torch.autograd.grad(mt.leaves(start), inputs, cotangent, allow_unused=True)
+                del g0, start
                 for i, (prev, t) in enumerate(zip(through, pulled, strict=True)):
                     if t is not None:
                         through[i] = t if prev is None else prev + t
 
+        def total(x: torch.Tensor, g: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor:
+            # a leaf's direct gradient plus what the products pulled back to it
+            if g is None:
+                return torch.zeros_like(x) if t is None else t
+            return g if t is None else g + t
+
         grads, loss, metrics = cast(Result, weighted_sum(weighted()))
-        if first_order:
-            return grads, loss, metrics
-        out = [g if t is None else g + t for g, t in zip(mt.leaves(grads), through, strict=True)]
+        direct = [None] * len(inputs) if one_step else mt.leaves(grads)
+        out = [total(*xs) for xs in zip(inputs, direct, through, strict=True)]
         return cast(Any, spec.unflatten(out)), loss, metrics
 
     def _rest_strategy(self, device: torch.device) -> str:
@@ -375,10 +409,6 @@ class MAML(Algorithm):
             return self.strategy
         chosen = default_strategy(device)
         return "loop" if chosen == "threads" and self.inner_steps == 1 else chosen
-
-    def _map_with_first(self, fn: Any) -> Any:
-        # one piece's tasks, in turn (the pieces themselves run as the strategy runs them)
-        return task_map(fn, strategy="loop", in_dims=(None, 0, 0, 0))
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
