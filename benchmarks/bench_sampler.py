@@ -37,29 +37,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metafunc.data import EpisodeSampler, get_benchmark, load_omniglot
 
 
-def cpu_name() -> str:
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (none where there is no such file)."""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, sep, value = line.partition(":")
+            if not sep:  # the blank line after the first processor
+                break
+            fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
 def cpu_model() -> str | None:
     """``'family F model M'`` from ``/proc/cpuinfo`` (a VM's ``model name`` may be bare)."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("cpu family", "model") and key.strip() not in fields:
-                fields[key.strip()] = value.strip()
-    except OSError:
+    info = _cpuinfo()
+    if "cpu family" not in info or "model" not in info:
         return None
-    if len(fields) < 2:
-        return None
-    return f"family {fields['cpu family']} model {fields['model']}"
+    return f"family {info['cpu family']} model {info['model']}"
 
 
 def commit() -> str | None:

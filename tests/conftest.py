@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,23 @@ import torch
 # The test models are tiny: one intra-op thread is faster than several, and immune to the
 # spin-waiting that makes OpenMP crawl when another process holds a core.
 torch.set_num_threads(int(os.environ.get("METAFUNC_TEST_THREADS", "1")))
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def intra_op_threads() -> Callable[[int], AbstractContextManager[None]]:
+    """``with intra_op_threads(n):`` runs a block on ``n`` intra-op threads (the suite runs on
+    one), restoring the count after."""
+    return _threads
 
 
 @pytest.fixture

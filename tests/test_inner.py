@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -420,17 +419,7 @@ def test_task_map_bad_arguments(gen):
 # ---------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def intra_op_threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_threads_run_tasks_concurrently_on_one_intra_op_thread_each():
+def test_threads_run_tasks_concurrently_on_one_intra_op_thread_each(intra_op_threads):
     seen = []
     barrier = threading.Barrier(2, timeout=30)  # passes only if two tasks run at the same time
 
@@ -451,7 +440,7 @@ def test_threads_run_tasks_concurrently_on_one_intra_op_thread_each():
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_threads_meta_grad_is_the_loop_on_one_thread_bit_for_bit(gen, shared):
+def test_threads_meta_grad_is_the_loop_on_one_thread_bit_for_bit(gen, shared, intra_op_threads):
     """Without the shared first step each worker computes its task exactly as the loop does on
     one thread. With it, the first step runs batched on the calling thread's intra-op threads:
     bit-equal to the loop run on those threads, then the rest per task as without it."""
@@ -476,7 +465,7 @@ def test_threads_meta_grad_is_the_loop_on_one_thread_bit_for_bit(gen, shared):
             assert bits(got, ref)
 
 
-def test_threads_carry_grad_mode_and_autocast_and_raise_errors():
+def test_threads_carry_grad_mode_and_autocast_and_raise_errors(intra_op_threads):
     def fn(p, t):
         return p * t
 
@@ -497,7 +486,7 @@ def test_threads_carry_grad_mode_and_autocast_and_raise_errors():
             task_map(bad, strategy="threads")(x, ts)
 
 
-def test_threads_nest_and_defer_to_an_active_transform():
+def test_threads_nest_and_defer_to_an_active_transform(intra_op_threads):
     inner = task_map(lambda p, t: p * t, strategy="threads")
     outer = task_map(lambda p, t: inner(p, t).sum(), strategy="threads")
     names = []
@@ -516,7 +505,7 @@ def test_threads_nest_and_defer_to_an_active_transform():
     assert set(names) == {threading.current_thread().name}
 
 
-def test_threads_give_from_module_models_a_module_per_thread(gen):
+def test_threads_give_from_module_models_a_module_per_thread(gen, intra_op_threads):
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
         torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 3),
@@ -530,7 +519,7 @@ def test_threads_give_from_module_models_a_module_per_thread(gen):
     assert rel_err(got[0], ref[0]) <= 1e-12 and torch.allclose(got[1], ref[1], rtol=1e-12)
 
 
-def test_threads_run_in_turn_where_only_this_thread_has_the_state():
+def test_threads_run_in_turn_where_only_this_thread_has_the_state(intra_op_threads):
     from torch.utils.flop_counter import FlopCounterMode
 
     names = []
@@ -555,7 +544,7 @@ def test_threads_run_in_turn_where_only_this_thread_has_the_state():
     assert set(names[12:]) != {here}  # and otherwise on the workers
 
 
-def test_threads_leave_the_default_for_new_threads_and_survive_a_fork():
+def test_threads_leave_the_default_for_new_threads_and_survive_a_fork(intra_op_threads):
     seen = []
     with intra_op_threads(2):
         assert list(run_tasks([lambda: 1, lambda: 2, lambda: 3], 3)) == [1, 2, 3]  # a new pool

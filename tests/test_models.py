@@ -168,60 +168,53 @@ def test_batch_norm_on_channels_last_input_matches_default_layout(gen):
             assert torch.allclose(a, b, atol=1e-12)
 
 
-@pytest.fixture
-def intra_op_threads(request):
-    """``torch.set_num_threads(request.param)`` for one test (the suite runs on one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("intra_op_threads", [2, 3], indirect=True)
-def test_column_sum_by_slabs_of_rows_is_the_sum(gen, intra_op_threads):
+@pytest.mark.parametrize("threads", [2, 3])
+def test_column_sum_by_slabs_of_rows_is_the_sum(gen, threads, intra_op_threads):
     """Batch norm's row sums (one slab of rows per intra-op thread, the rest added after)
     equal ``sum(0)`` for row counts below, at and off a multiple of the thread count."""
-    for rows in (1, 2, 5, 6, 7, 27, 1001):
-        x = torch.randn(rows, 8, generator=gen, dtype=torch.float64)
-        assert torch.allclose(_column_sum(x), x.sum(0), rtol=1e-13, atol=1e-13), rows
+    with intra_op_threads(threads):
+        for rows in (1, 2, 5, 6, 7, 27, 1001):
+            x = torch.randn(rows, 8, generator=gen, dtype=torch.float64)
+            assert torch.allclose(_column_sum(x), x.sum(0), rtol=1e-13, atol=1e-13), rows
 
 
-@pytest.mark.parametrize("intra_op_threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("affine", [True, False])
 def test_batch_norm_on_channels_last_input_is_exact_to_the_third_order(
-    gen, affine, intra_op_threads
+    gen, affine, threads, intra_op_threads
 ):
     """The channels-last path's own backward (fused kernel at first order, recomputed
     statistics under create_graph) against finite differences, and three orders of gradients
     against batch norm written out from mean, var and rsqrt (27 rows: with two threads, two
     slabs of 13 and one row left over)."""
-    x = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1
-    weight = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5) if affine else None
-    bias = torch.randn(4, generator=gen, dtype=torch.float64) if affine else None
-    r = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64)
-    wb = (weight, bias)
+    with intra_op_threads(threads):
+        x = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64) * 2 + 1
+        weight = (torch.rand(4, generator=gen, dtype=torch.float64) + 0.5) if affine else None
+        bias = torch.randn(4, generator=gen, dtype=torch.float64) if affine else None
+        r = torch.randn(3, 4, 3, 3, generator=gen, dtype=torch.float64)
+        wb = (weight, bias)
 
-    def written_out(t, w, b):
-        y = (t - t.mean((0, 2, 3), keepdim=True)) * torch.rsqrt(
-            t.var((0, 2, 3), correction=0, keepdim=True) + 1e-5
-        )
-        return y if w is None else y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+        def written_out(t, w, b):
+            y = (t - t.mean((0, 2, 3), keepdim=True)) * torch.rsqrt(
+                t.var((0, 2, 3), correction=0, keepdim=True) + 1e-5
+            )
+            return y if w is None else y * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
 
-    def loss(t, *p, bn=lambda t, w, b: batch_norm(t.contiguous(memory_format=CL), w, b)[0]):
-        return (bn(t, *(p or wb)) * r).square().sum()
+        def loss(t, *p, bn=lambda t, w, b: batch_norm(t.contiguous(memory_format=CL), w, b)[0]):
+            return (bn(t, *(p or wb)) * r).square().sum()
 
-    inputs = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
-    assert torch.autograd.gradcheck(loss, inputs)
-    assert torch.autograd.gradgradcheck(loss, inputs)
-    orders = {}
-    for name, bn in (("ours", None), ("written out", written_out)):
-        kw = {} if bn is None else {"bn": bn}
-        g1 = torch.autograd.grad(loss(*inputs, **kw), inputs, create_graph=True)
-        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), inputs, create_graph=True)
-        g3 = torch.autograd.grad(sum((g * g).sum() for g in g2), inputs)
-        orders[name] = [*g1, *g2, *g3]
-    for a, b in zip(orders["ours"], orders["written out"], strict=True):
-        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+        inputs = [t.requires_grad_() for t in (x, weight, bias) if t is not None]
+        assert torch.autograd.gradcheck(loss, inputs)
+        assert torch.autograd.gradgradcheck(loss, inputs)
+        orders = {}
+        for name, bn in (("ours", None), ("written out", written_out)):
+            kw = {} if bn is None else {"bn": bn}
+            g1 = torch.autograd.grad(loss(*inputs, **kw), inputs, create_graph=True)
+            g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), inputs, create_graph=True)
+            g3 = torch.autograd.grad(sum((g * g).sum() for g in g2), inputs)
+            orders[name] = [*g1, *g2, *g3]
+        for a, b in zip(orders["ours"], orders["written out"], strict=True):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_batch_norm_on_channels_last_input_is_accurate_in_float32(gen):

@@ -331,7 +331,8 @@ class MAML(Algorithm):
             return torch.func.vmap(grad, in_dims=(None, 0))(fast, tasks)
 
         def first_update(leaves: list[torch.Tensor], g0: Any, loss0: torch.Tensor) -> Any:
-            # every task's parameters after the first step, stacked on a leading task axis
+            # every task's parameters after the first step, stacked on a leading task axis (one
+            # step whose gradient is given: adapt reads no batch, hence None)
             mp: Any = spec.unflatten(leaves)
             inner = self.inner_loop(mp, 1, first_order=first_order)
             return torch.func.vmap(lambda g, l: inner(mp["params"], None, first=(g, l))[0])(

@@ -200,7 +200,7 @@ def batch_norm(
             )
         return y, running_mean, running_var
     if batch_stats:
-        mean, centred, var = _statistics(x, dims, shape)
+        mean, centred, var = _statistics(x, lambda t: t.mean(dim=dims), shape)
         if running_mean is not None and running_var is not None:
             running_mean, running_var = _update_running(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum
@@ -303,13 +303,13 @@ class _RowBatchNorm(torch.autograd.Function):
 
 
 def _statistics(
-    x: torch.Tensor, dims: list[int], shape: list[int]
+    x: torch.Tensor, mean: Callable[[torch.Tensor], torch.Tensor], shape: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(mean, x - mean, biased var)`` over ``dims`` (``shape`` broadcasts a statistic back to
-    ``x``): two passes, the variance from the centred values, sums by torch's reductions."""
-    mean = x.mean(dim=dims)
-    centred = x - mean.view(shape)
-    return mean, centred, (centred * centred).mean(dim=dims)
+    """``(mean, x - mean, biased var)`` by the reduction ``mean`` (``shape`` broadcasts a
+    statistic back to ``x``): two passes, the variance from the centred values."""
+    m = mean(x)
+    centred = x - m.view(shape)
+    return m, centred, mean(centred * centred)
 
 
 def _row_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,10 +317,7 @@ def _row_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     bfloat16 ``x`` under CPU autocast gets float32 statistics, as torch's kernel keeps them)."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    rows = x.shape[0]
-    mean = _column_sum(x) / rows
-    centred = x - mean
-    return mean, centred, _column_sum(centred * centred) / rows
+    return _statistics(x, lambda t: _column_sum(t) / t.shape[0], [1, -1])
 
 
 def _column_sum(x: torch.Tensor) -> torch.Tensor:
