@@ -73,9 +73,13 @@ def _thp_always() -> bool:
 @pytest.mark.skipif(_thp_always(), reason="transparent huge pages 'always' hide the page faults")
 def test_tuned_allocator_stops_refaulting_memory_every_meta_batch() -> None:
     default, tuned = _faults("default"), _faults("tuned")
-    # Measured: about 9,000-12,000 faults per 2-task meta-batch by default, a few hundred tuned.
-    assert default > 2000, default
-    assert tuned < default / 5, (tuned, default)
+    # Measured: about 9,000-12,000 faults per 2-task meta-batch by default, 3 to a few hundred
+    # tuned. Whether glibc's default heuristics refault depends on the machine (a CI machine
+    # measured 3 faults by default), so the tuned bound is absolute and the comparison applies
+    # only where the default refaults.
+    assert tuned < 1000, (tuned, default)
+    if default > 2000:
+        assert tuned < default / 5, (tuned, default)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
