@@ -334,8 +334,9 @@ def _column_sum(x: torch.Tensor) -> torch.Tensor:
     if slabs == 1 or rows < 2 * slabs:
         return x.sum(0)
     per = rows // slabs
-    total = x[: per * slabs].reshape(slabs, per, -1).sum(1).sum(0)
-    return total if per * slabs == rows else total + x[per * slabs :].sum(0)
+    if per * slabs == rows:  # no slice: its backward (a double backward's) is zeros and a copy
+        return x.reshape(slabs, per, -1).sum(1).sum(0)
+    return x[: per * slabs].reshape(slabs, per, -1).sum(1).sum(0) + x[per * slabs :].sum(0)
 
 
 def bn_layer(
