@@ -215,6 +215,20 @@ def test_batch_norm_on_channels_last_input_is_exact_to_the_third_order(
             orders[name] = [*g1, *g2, *g3]
         for a, b in zip(orders["ours"], orders["written out"], strict=True):
             assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+        # the second order unrecorded (second-order MAML's case): the closed-form double
+        # backward from the forward's statistics, not the recomputed ones
+        g1 = torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
+        g2 = torch.autograd.grad(sum((g * g).sum() for g in g1), inputs)
+        k = len(inputs)
+        for a, b in zip(g2, orders["written out"][k : 2 * k], strict=True):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+        nodes, seen = [g.grad_fn for g in g1], set()
+        while nodes:  # the graph of the first gradients holds the closed-form node
+            node = nodes.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                nodes.extend(f for f, _ in node.next_functions)
+        assert "_RowBatchNormGradsBackward" in {type(f).__name__ for f in seen}
 
 
 def test_batch_norm_on_channels_last_input_is_accurate_in_float32(gen):

@@ -286,20 +286,107 @@ class _RowBatchNorm(torch.autograd.Function):
                 grad_y, x, weight, None, None, mean, invstd, True, ctx.eps, [need_x, need_w, need_b]
             )
             return gx, gw, gb, None
-        centred, var = _row_statistics(x)[1:]
-        rstd = torch.rsqrt(var + ctx.eps)
-        g = grad_y.to(centred.dtype)
+        gx, gw, gb = _RowBatchNormGrads.apply(grad_y, x, weight, mean, invstd, ctx.eps)
+        return (gx if need_x else None, gw if need_w else None, gb if need_b else None, None)
+
+
+class _RowBatchNormGrads(torch.autograd.Function):
+    """``(grad x, grad weight, grad bias)`` of ``<grad_y, y>`` for :class:`_RowBatchNorm`'s
+    ``y``, with the statistics ``mean`` and ``invstd`` of ``x`` given: its backward (the double
+    backward of second-order MAML) is the closed form below, a dozen passes over the matrix,
+    instead of autograd's through the recomputed statistics (three times as many ops).
+
+    Per channel, with ``n`` rows, ``r = invstd``, ``h = (x - mean) r``, ``gb = sum g``,
+    ``G = sum g h`` and ``gx = w r (g - gb / n - h G / n)``; given the cotangents ``u`` (of
+    ``gx``), ``p`` (of the weight's gradient) and ``q`` (of the bias's), and ``S = sum u h``,
+    ``A = sum g (u - mean u)``, ``k = w r^2 / n``:
+
+    - ``d g = w r (u - mean u - h S / n) + p h + q``;
+    - ``d w = r (A - G S / n)``;
+    - ``d x = k (h (3 G S / n - A) - S (g - gb / n) - G (u - mean u)) + p r (g - gb / n - h G / n)``
+
+    (``x`` moves ``h`` and ``r``: ``dh_j/dx_i = r (delta_ij - 1/n - h_i h_j / n)``,
+    ``dr/dx_i = -r^2 h_i / n``). Where the backward is itself recorded (third order), the
+    statistics are recomputed from ``x`` by differentiable ops and the same formulas run on
+    them. Tested in float64 against finite differences and to the third order against batch
+    norm written out from mean, var and rsqrt."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        grad_y: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.set_materialize_grads(False)
+        h = _normalised(x, mean, invstd)
+        g = grad_y.to(h.dtype)
         n = x.shape[0]
         gb = _column_sum(g)
-        gw = _column_sum(g * centred) * rstd  # the gradient of the weight: sum(grad_y * x_hat)
-        a = rstd if weight is None else rstd * weight
-        gx = torch.addcmul(torch.addcmul(-(a * gb / n), centred, -(a * rstd * gw / n)), g, a)
-        return (
-            gx.to(x.dtype) if need_x else None,
-            gw if need_w else None,
-            gb if need_b else None,
-            None,
-        )
+        gw = _column_sum(g * h)
+        a = invstd if weight is None else invstd * weight
+        gx = torch.addcmul(torch.addcmul(-(a * gb / n), h, -(a * gw / n)), g, a)
+        return gx.to(x.dtype), gw, gb
+
+    @staticmethod
+    def backward(
+        ctx: Any, u: torch.Tensor | None, p: torch.Tensor | None, q: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_y, x, weight, mean, invstd = ctx.saved_tensors
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # recorded: the statistics as functions of x
+            mean, h, var = _row_statistics(x)
+            invstd = torch.rsqrt(var + ctx.eps)
+            h = h * invstd
+        else:
+            h = _normalised(x, mean, invstd)
+        g, r, n = grad_y.to(h.dtype), invstd, x.shape[0]
+        wr = r if weight is None else r * weight
+        gbar = _column_sum(g) / n
+        big_g = _column_sum(g * h)
+        # d g and d x as per-channel coefficients of h, g, u and a constant
+        dg_h = torch.zeros_like(r) if p is None else p
+        dg_c = torch.zeros_like(r) if q is None else q
+        dx_h, dx_g, dx_c = torch.zeros_like(r), torch.zeros_like(r), torch.zeros_like(r)
+        dx_u = dw = None
+        if u is not None:
+            u = u.to(h.dtype)
+            ubar = _column_sum(u) / n
+            s = _column_sum(u * h)
+            a = _column_sum(g * u) - n * gbar * ubar
+            dg_h = dg_h - wr * s / n
+            dg_c = dg_c - wr * ubar
+            k = wr * r / n
+            dx_h = k * (3 * big_g * s / n - a)
+            dx_g = -k * s
+            dx_u = -k * big_g
+            dx_c = k * (s * gbar + big_g * ubar)
+            dw = r * (a - big_g * s / n)
+        if p is not None:
+            pr = p * r
+            dx_h = dx_h - pr * big_g / n
+            dx_g = dx_g + pr
+            dx_c = dx_c - pr * gbar
+        d_g = d_x = None
+        if need_g:
+            d_g = torch.addcmul(dg_c, h, dg_h)
+            d_g = d_g if u is None else torch.addcmul(d_g, u, wr)
+            d_g = d_g.to(grad_y.dtype)
+        if need_x and (u is not None or p is not None):
+            d_x = torch.addcmul(torch.addcmul(dx_c, h, dx_h), g, dx_g)
+            d_x = d_x if u is None or dx_u is None else torch.addcmul(d_x, u, dx_u)
+            d_x = d_x.to(x.dtype)
+        return d_g, d_x, dw if need_w else None, None, None, None
+
+
+def _normalised(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    # (x - mean) * invstd, at least in float32 (the statistics' dtype)
+    return (x.to(mean.dtype) - mean) * invstd
 
 
 def _statistics(
