@@ -255,7 +255,7 @@ def default_strategy(device: torch.device | str) -> str:
     :class:`metafunc.algorithms.MAML` (and first-order MAML, Meta-SGD) with ``inner_steps=1``
     make an exception on the CPU, for models exact under ``vmap`` (``Model.vmap_exact``):
     ``'auto'`` computes every task's one inner step in a single ``vmap`` (its
-    ``shared_first_step``) and then runs the query passes as ``'loop'``.
+    ``shared_first_step``) and then runs the query passes as ``'threads'``.
     On glibc, :func:`metafunc.tune_cpu_allocator` (which ``metafunc train`` calls) saves the
     tasks from page-faulting their buffers in again each meta-batch: 3-20% more on 2 cores.
     """
@@ -403,6 +403,12 @@ def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> Iterator[T]:
                 stack.enter_context(torch.autocast(kind, dtype=dtype))
             return call()
 
+    # The calling thread's own intra-op threads would spin-wait (OpenMP) after every op it runs
+    # between results (summing them, mostly), on the cores the workers need: it runs its ops on
+    # one thread while they work. 20-way MAML, 16 tasks on two workers, 2-core EPYC VM: 1.556 s
+    # against 1.727 s a meta-batch (1.12x by round; OMP_WAIT_POLICY=PASSIVE gave the same).
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
     futures = [pool.submit(in_context, call) for call in calls]
     try:
         for future in futures:
@@ -410,6 +416,7 @@ def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> Iterator[T]:
     finally:
         for future in futures:
             future.cancel()
+        torch.set_num_threads(caller)
 
 
 def _task_axis_size(call: str, args: Sequence[Any], in_dims: Sequence[int | None]) -> int:

@@ -198,9 +198,10 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta)
     assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta)
     assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta)
-    # the default (None) shares it for a one-step inner loop whose tasks then run in turn:
-    # 'loop', and 'auto' on the CPU; True also under 'threads' and for more steps
-    cases = [("threads", 1, False), ("loop", 2, False), ("auto", 1, True), ("auto", 2, False)]
+    # the default (None) shares it for a one-step inner loop whose tasks then run per task:
+    # 'loop', 'threads', and 'auto' on the CPU; True also for more steps
+    cases = [("threads", 1, True), ("loop", 2, False), ("auto", 1, True), ("auto", 2, False)]
+    cases += [("threads", 2, False)]
     for strategy, steps, shares in cases:
         other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
         assert other._shares_first_step(meta) == shares, (strategy, steps)
@@ -214,11 +215,12 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     assert not alg._shares_first_step(needs)
     with torch.no_grad():
         assert alg._shares_first_step(needs)
-    # after the shared step, 'auto' runs a one-step MAML's query passes as a loop (2 intra-op
-    # threads per query batch), a longer inner loop's tasks on threads
+    # after the shared step, 'auto' runs the tasks as the device's rule says: on CPU threads
     cpu = torch.device("cpu")
-    assert dataclasses.replace(alg, strategy="auto", inner_steps=1)._rest_strategy(cpu) == "loop"
-    assert dataclasses.replace(alg, strategy="auto", inner_steps=2)._rest_strategy(cpu) == "threads"
+    assert dataclasses.replace(alg, strategy="auto", inner_steps=1)._rest_strategy(cpu) == (
+        "threads"
+    )
+    assert dataclasses.replace(alg, strategy="loop", inner_steps=1)._rest_strategy(cpu) == "loop"
     assert dataclasses.replace(alg, strategy="threads", inner_steps=1)._rest_strategy(cpu) == (
         "threads"
     )

@@ -544,6 +544,20 @@ def test_threads_run_in_turn_where_only_this_thread_has_the_state(intra_op_threa
     assert set(names[12:]) != {here}  # and otherwise on the workers
 
 
+def test_threads_caller_runs_one_intra_op_thread_while_workers_work(intra_op_threads):
+    """Between results the caller's ops run on one thread (its OpenMP team would spin on the
+    workers' cores); its own setting is back once the results are consumed or abandoned."""
+    with intra_op_threads(2):
+        during = [torch.get_num_threads() for _ in run_tasks([lambda: 1, lambda: 2, lambda: 3], 2)]
+        assert during == [1, 1, 1]
+        assert torch.get_num_threads() == 2
+        results = run_tasks([lambda: 1, lambda: 2], 2)
+        assert next(results) == 1 and torch.get_num_threads() == 1
+        results.close()
+        assert torch.get_num_threads() == 2
+        assert [torch.get_num_threads() for _ in run_tasks([lambda: 1, lambda: 2], 1)] == [2, 2]
+
+
 def test_threads_leave_the_default_for_new_threads_and_survive_a_fork(intra_op_threads):
     seen = []
     with intra_op_threads(2):

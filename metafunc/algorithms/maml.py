@@ -62,12 +62,12 @@ class MAML(Algorithm):
     passes run, and the product is taken before the next chunk. The same gradients (tested in
     float64). ``True`` does so on the per-task strategies (``'loop'``, ``'threads'``);
     ``None`` (the default) where it measured faster on a 2-core CPU: a one-step inner loop
-    whose tasks then run one after another, under ``'loop'`` or ``'auto'`` on the CPU (which
-    then runs the query passes as ``'loop'``; Omniglot 5-way 1-shot, second order, one
-    process: 0.92 s against 1.21 s with ``shared_first_step=False``). ``'threads'`` gained
-    less from it, and with more inner steps it was within the noise (20-way, 5 steps: 1.84 s
-    under ``'threads'`` against 1.77 s without it, ``'loop'`` 2.31 s), so ``'auto'`` keeps
-    ``'threads'`` without it there. ``None`` shares only for a model known to be exact under
+    whose tasks then run per task, under ``'loop'``, ``'threads'`` or ``'auto'`` on the CPU
+    (which runs the query passes as ``'threads'``; Omniglot 5-way 1-shot, mb 32, 2-core EPYC,
+    one process: 0.476 s against 0.534 s with ``shared_first_step=False``, and 0.510 s with
+    the query passes as ``'loop'``). With more inner steps it was slower (20-way, 5 steps,
+    ``'threads'``: 1.625 s against 1.512 s without it), so ``'auto'`` keeps ``'threads'``
+    without it there. ``None`` shares only for a model known to be exact under
     ``vmap`` (``Model.vmap_exact``: metafunc's own models, not
     :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that ``'loop'``
     stays the safe reference for them); ``True`` asserts it for any model. ``False`` never.
@@ -282,7 +282,7 @@ class MAML(Algorithm):
             return False
         rest = self._rest_strategy(_device(meta_params))
         if self.shared_first_step is None:
-            return rest == "loop" and self.inner_steps == 1 and self.model.vmap_exact
+            return rest in ("loop", "threads") and self.inner_steps == 1 and self.model.vmap_exact
         return rest in ("loop", "threads")
 
     def _meta_grad_shared_first(
@@ -412,13 +412,9 @@ class MAML(Algorithm):
         return cast(Any, spec.unflatten(out)), loss, metrics
 
     def _rest_strategy(self, device: torch.device) -> str:
-        """How the tasks run after a shared first step: as ``strategy`` says; ``'auto'`` on the
-        CPU with ``inner_steps=1`` as ``'loop'`` (what is left per task is its query pass, a
-        batch intra-op threads split well), otherwise by the device's rule."""
-        if self.strategy != "auto":
-            return self.strategy
-        chosen = default_strategy(device)
-        return "loop" if chosen == "threads" and self.inner_steps == 1 else chosen
+        """How the tasks run after a shared first step: as ``strategy`` says, ``'auto'`` by the
+        device's rule (``'threads'`` on the CPU)."""
+        return default_strategy(device) if self.strategy == "auto" else self.strategy
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
