@@ -254,9 +254,10 @@ class _RowBatchNorm(torch.autograd.Function):
     ``forward(x, weight, bias, eps) -> (y, mean, biased var)``. The backward is torch's fused
     kernel for a first-order backward (whose running sums measured harmless: on a real Omniglot
     20-way meta-batch the float32 meta-gradient keeps its default-layout accuracy) and, under
-    ``create_graph``, differentiable ops that recompute the statistics from ``x``, so the double
-    backward (second-order MAML) sees them depend on ``x``. Tested in float64 against finite
-    differences and, to the third order, against batch norm written out from mean, var, rsqrt.
+    ``create_graph``, :class:`_RowBatchNormGrads`, whose own backward (second-order MAML's double
+    backward) is written out in closed form, the statistics' dependence on ``x`` included.
+    Tested in float64 against finite differences and, to the third order, against batch norm
+    written out from mean, var, rsqrt.
     """
 
     @staticmethod
