@@ -215,15 +215,6 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     assert not alg._shares_first_step(needs)
     with torch.no_grad():
         assert alg._shares_first_step(needs)
-    # after the shared step, 'auto' runs the tasks as the device's rule says: on CPU threads
-    cpu = torch.device("cpu")
-    assert dataclasses.replace(alg, strategy="auto", inner_steps=1)._rest_strategy(cpu) == (
-        "threads"
-    )
-    assert dataclasses.replace(alg, strategy="loop", inner_steps=1)._rest_strategy(cpu) == "loop"
-    assert dataclasses.replace(alg, strategy="threads", inner_steps=1)._rest_strategy(cpu) == (
-        "threads"
-    )
     expected, _, _ = alg.meta_grad(meta, batch)
     # the meta-gradient of the meta-loss, taken by torch.func.grad around meta_loss
     outer = torch.func.grad(lambda m: alg.meta_loss(m, batch)[0])(meta)

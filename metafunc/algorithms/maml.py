@@ -29,7 +29,7 @@ from metafunc.data.batch import TaskBatch
 from metafunc.inner import (
     _device,
     adapt,
-    default_strategy,
+    resolve_strategy,
     run_tasks,
     task_map,
     task_workers,
@@ -280,7 +280,7 @@ class MAML(Algorithm):
         leaves = mt.leaves(meta_params)
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
-        rest = self._rest_strategy(_device(meta_params))
+        rest = resolve_strategy(self.strategy, _device(meta_params))
         if self.shared_first_step is None:
             return rest in ("loop", "threads") and self.inner_steps == 1 and self.model.vmap_exact
         return rest in ("loop", "threads")
@@ -343,7 +343,7 @@ class MAML(Algorithm):
             return TaskBatch(*(f[start:stop] for f in batch))
 
         tasks = batch.num_tasks
-        workers = task_workers(self._rest_strategy(inputs[0].device), inputs[0].device)
+        workers = task_workers(self.strategy, inputs[0].device)
 
         def task_grad(t: int, held: Any, loss0: torch.Tensor) -> Any:
             # task t alone (the strategies that share the step run one graph per task); held:
@@ -410,11 +410,6 @@ class MAML(Algorithm):
         direct = [None] * len(inputs) if one_step else mt.leaves(grads)
         out = [total(*xs) for xs in zip(inputs, direct, through, strict=True)]
         return cast(Any, spec.unflatten(out)), loss, metrics
-
-    def _rest_strategy(self, device: torch.device) -> str:
-        """How the tasks run after a shared first step: as ``strategy`` says, ``'auto'`` by the
-        device's rule (``'threads'`` on the CPU)."""
-        return default_strategy(device) if self.strategy == "auto" else self.strategy
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
