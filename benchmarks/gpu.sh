@@ -21,6 +21,10 @@ for order in "" "--first-order"; do
     --impls plain,funcvmap,metafunc,metafunc-vmap,metafunc-compile,learn2learn,higher,torchopt \
     --warmup 3 --iters 20 $order --out "$OUT/peers-$NAME-$DAY$tag.json"
 done
+# the 20-way setting as issue 6 words it (5 queries per class), second order, without compile
+$PY benchmarks/peers/driver.py --device cuda --settings omniglot-20w1s-5q \
+  --impls plain,funcvmap,metafunc,metafunc-vmap,learn2learn,higher,torchopt \
+  --warmup 3 --iters 20 --out "$OUT/peers-$NAME-$DAY-5q.json"
 METAFUNC_DATA=${METAFUNC_DATA:-../shared/data} $PY benchmarks/bench_precision.py --device cuda \
   --out "$OUT/bench_precision-$NAME-$DAY.json" || echo "bench_precision: no Omniglot data here"
 $PY benchmarks/bench_memory.py --device cuda --steps 1,5,10,25,50 \
