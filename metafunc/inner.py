@@ -306,6 +306,7 @@ def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: tor
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
 _WORKER = threading.local()
+_CALLER = threading.local()  # _caller_on_one_thread's depth and saved setting, per thread
 T = TypeVar("T")
 
 
@@ -313,6 +314,9 @@ def _forget_pools() -> None:  # a forked child inherits the pools but not their 
     global _POOLS_LOCK
     _POOLS.clear()
     _POOLS_LOCK = threading.Lock()
+    if getattr(_CALLER, "depth", 0):  # forked while its tasks ran: the child gets its threads
+        _CALLER.depth = 0
+        torch.set_num_threads(_CALLER.saved)
 
 
 os.register_at_fork(after_in_child=_forget_pools)
@@ -409,20 +413,40 @@ def run_tasks(calls: Sequence[Callable[[], T]], workers: int) -> Iterator[T]:
                 stack.enter_context(torch.autocast(kind, dtype=dtype))
             return call()
 
-    # The calling thread's own intra-op threads would spin-wait (OpenMP) after every op it runs
-    # between results (summing them, mostly), on the cores the workers need: it runs its ops on
-    # one thread while they work. 20-way MAML, 16 tasks on two workers, 2-core EPYC VM: 1.556 s
-    # against 1.727 s a meta-batch (1.12x by round; OMP_WAIT_POLICY=PASSIVE gave the same).
-    caller = torch.get_num_threads()
-    torch.set_num_threads(1)
     futures = [pool.submit(in_context, call) for call in calls]
+    with _caller_on_one_thread():
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+@contextlib.contextmanager
+def _caller_on_one_thread() -> Iterator[None]:
+    """The calling thread's ops on one intra-op thread while the workers compute its tasks.
+
+    Its OpenMP team would otherwise spin-wait after every op it runs between results (summing
+    them, mostly), on the cores the workers need. 20-way MAML, 16 tasks on two workers, 2-core
+    EPYC VM: 1.556 s against 1.727 s a meta-batch (1.12x by round; ``OMP_WAIT_POLICY=PASSIVE``
+    gave the same, but must be set before OpenMP starts). Nested or interleaved results on one
+    thread (two ``run_tasks`` consumed together) restore the setting when the last one ends;
+    a thread that first uses torch meanwhile starts with one intra-op thread too (torch's
+    default for new threads follows ``set_num_threads``)."""
+    state = _CALLER
+    if getattr(state, "depth", 0) == 0:
+        state.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+    state.depth = getattr(state, "depth", 0) + 1
+    owner = threading.get_ident()
     try:
-        for future in futures:
-            yield future.result()
+        yield
     finally:
-        for future in futures:
-            future.cancel()
-        torch.set_num_threads(caller)
+        if threading.get_ident() == owner:  # a generator closed elsewhere cannot restore here
+            state.depth -= 1
+            if state.depth == 0:
+                torch.set_num_threads(state.saved)
 
 
 def _task_axis_size(call: str, args: Sequence[Any], in_dims: Sequence[int | None]) -> int:

@@ -74,12 +74,55 @@ def _thp_always() -> bool:
 def test_tuned_allocator_stops_refaulting_memory_every_meta_batch() -> None:
     default, tuned = _faults("default"), _faults("tuned")
     # Measured: about 9,000-12,000 faults per 2-task meta-batch by default, 3 to a few hundred
-    # tuned. Whether glibc's default heuristics refault depends on the machine (a CI machine
-    # measured 3 faults by default), so the tuned bound is absolute and the comparison applies
-    # only where the default refaults.
-    assert tuned < 1000, (tuned, default)
-    if default > 2000:
-        assert tuned < default / 5, (tuned, default)
+    # tuned. Whether glibc's default heuristics refault on this workload depends on the machine
+    # (a CI machine measured 3 faults by default); the test below checks the settings directly.
+    if default <= 2000:
+        pytest.skip(f"glibc's default did not refault this workload here ({default} faults)")
+    assert tuned < default / 5, (tuned, default)
+
+
+# 1,600 heap blocks of 64 KiB (below the mmap threshold), touched, then freed in reverse: glibc's
+# default 128 KiB trim threshold hands the freed top of the heap back to the system and the next
+# round faults it in again; the tuned settings keep it.
+_CHURN = textwrap.dedent(
+    """
+    import ctypes, resource, sys
+    import metafunc
+    if sys.argv[1] == "tuned":
+        assert metafunc.tune_cpu_allocator()
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    def churn():
+        blocks = [libc.malloc(64 << 10) for _ in range(1600)]
+        for b in blocks:
+            ctypes.memset(b, 1, 64 << 10)
+        for b in reversed(blocks):
+            libc.free(b)
+    churn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        churn()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+    """
+)
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+def test_tuned_allocator_keeps_the_freed_top_of_the_heap() -> None:
+    def faults(mode: str) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", _CHURN, mode],
+            capture_output=True, text=True, check=True, env=_clean_env(), timeout=120,
+        )  # fmt: skip
+        return float(out.stdout.strip().splitlines()[-1])
+
+    default, tuned = faults("default"), faults("tuned")
+    # measured on this project's VM: 25,286 faults a round by default (4 KiB pages), 0 tuned;
+    # transparent huge pages would make each fault 2 MiB, about 50 a round
+    if default < 20:
+        pytest.skip(f"glibc's default kept the heap here too ({default} faults a round)")
+    assert tuned <= default / 10, (tuned, default)
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc only")

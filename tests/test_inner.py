@@ -556,6 +556,17 @@ def test_threads_caller_runs_one_intra_op_thread_while_workers_work(intra_op_thr
         results.close()
         assert torch.get_num_threads() == 2
         assert [torch.get_num_threads() for _ in run_tasks([lambda: 1, lambda: 2], 1)] == [2, 2]
+        # two consumed together: the setting comes back when the last ends, whichever it is
+        calls = [lambda: 1, lambda: 2]
+        pairs = zip(run_tasks(calls, 2), run_tasks(calls, 2), strict=True)
+        assert list(pairs) == [(1, 1), (2, 2)]
+        assert torch.get_num_threads() == 2
+        first, second = run_tasks(calls, 2), run_tasks(calls, 2)
+        next(first), next(second)
+        first.close()
+        assert torch.get_num_threads() == 1
+        second.close()
+        assert torch.get_num_threads() == 2
 
 
 def test_threads_leave_the_default_for_new_threads_and_survive_a_fork(intra_op_threads):
