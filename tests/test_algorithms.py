@@ -112,7 +112,7 @@ def takes_shared_path(alg, meta, monkeypatch, expected):
         return original(self, *args)
 
     monkeypatch.setattr(MAML, "_meta_grad_shared_first", counted)
-    assert alg._shares_first_step(meta) == expected
+    assert alg._shares_first_step(meta, batch) == expected
     return calls
 
 
@@ -194,27 +194,34 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     the generic path, which composes; the result is the same."""
     alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=1, strategy="loop")
     meta = alg.init(gen, dtype=torch.float64)
-    assert alg._shares_first_step(meta)
-    assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta)
-    assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta)
-    assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta)
+    assert alg._shares_first_step(meta, batch)
+    assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta, batch)
+    assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta, batch)
+    assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta, batch)
     # the default (None) shares it for a one-step inner loop whose tasks then run per task:
     # 'loop', 'threads', and 'auto' on the CPU; True also for more steps
     cases = [("threads", 1, True), ("loop", 2, False), ("auto", 1, True), ("auto", 2, False)]
     cases += [("threads", 2, False)]
     for strategy, steps, shares in cases:
         other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
-        assert other._shares_first_step(meta) == shares, (strategy, steps)
-        assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta)
+        assert other._shares_first_step(meta, batch) == shares, (strategy, steps)
+        assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta, batch)
+    # ... only for small support sets (here 6 examples a task) ...
+    assert MAML.SHARED_STEP_MAX_SUPPORT >= 6
+    small = dataclasses.replace(alg, strategy="auto")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MAML, "SHARED_STEP_MAX_SUPPORT", 5)
+        assert not small._shares_first_step(meta, batch)
+        assert dataclasses.replace(small, shared_first_step=True)._shares_first_step(meta, batch)
     # ... and only for a model known exact under vmap: from_module's stay per task unless asked
     unknown = dataclasses.replace(alg, model=dataclasses.replace(alg.model, vmap_exact=False))
-    assert not unknown._shares_first_step(meta)
-    assert dataclasses.replace(unknown, shared_first_step=True)._shares_first_step(meta)
+    assert not unknown._shares_first_step(meta, batch)
+    assert dataclasses.replace(unknown, shared_first_step=True)._shares_first_step(meta, batch)
     assert not from_module(torch.nn.Linear(3, 2)).vmap_exact and alg.model.vmap_exact
     needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
-    assert not alg._shares_first_step(needs)
+    assert not alg._shares_first_step(needs, batch)
     with torch.no_grad():
-        assert alg._shares_first_step(needs)
+        assert alg._shares_first_step(needs, batch)
     expected, _, _ = alg.meta_grad(meta, batch)
     # the meta-gradient of the meta-loss, taken by torch.func.grad around meta_loss
     outer = torch.func.grad(lambda m: alg.meta_loss(m, batch)[0])(meta)

@@ -62,7 +62,9 @@ class MAML(Algorithm):
     passes run, and the product is taken before the next chunk. The same gradients (tested in
     float64). ``True`` does so on the per-task strategies (``'loop'``, ``'threads'``);
     ``None`` (the default) where it measured faster on a 2-core CPU: a one-step inner loop
-    whose tasks then run per task, under ``'loop'``, ``'threads'`` or ``'auto'`` on the CPU
+    on support sets of at most :attr:`SHARED_STEP_MAX_SUPPORT` examples per task (larger ones
+    were as fast or slower without it, for a fraction of the memory) whose tasks then run per
+    task, under ``'loop'``, ``'threads'`` or ``'auto'`` on the CPU
     (which runs the query passes as ``'threads'``; Omniglot 5-way 1-shot, mb 32, 2-core EPYC,
     one process: 0.476 s against 0.534 s with ``shared_first_step=False``, and 0.510 s with
     the query passes as ``'loop'``). With more inner steps it was slower (20-way, 5 steps,
@@ -89,6 +91,12 @@ class MAML(Algorithm):
     # 2-core EPYC, second order, one process: 16 ran 1.07x faster than 8 (14 rounds) for 49 MiB
     # more peak RSS; 32 another 1.02x for 109 MiB more; 4 0.93x.
     SHARED_STEP_TASKS: ClassVar[int] = 16
+    # the most support examples per task for which shared_first_step=None shares the step.
+    # Omniglot conv4, 15 queries per class, one step, 'threads', 2-core EPYC, shared against
+    # not: 5 examples (5-way 1-shot) 1.13x faster, 8 1.02-1.08x, 10 1.00-1.03x, 20 and 25
+    # 0.83-0.93x; its memory 2-5x (the chunk's vmapped second-order graph: 476 against 186 MiB
+    # at 5, 1014 against 196 at 25).
+    SHARED_STEP_MAX_SUPPORT: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
         name = type(self).__name__
@@ -247,7 +255,7 @@ class MAML(Algorithm):
         """The gradient of :meth:`meta_loss`; with ``checkpoint=True`` by
         :meth:`checkpointed_task_grad` per task (same value, memory flat in ``inner_steps``)."""
         if not self.checkpoint:
-            if self._shares_first_step(meta_params):
+            if self._shares_first_step(meta_params, batch):
                 mt.validate(
                     meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
                     name="meta_params",
@@ -264,7 +272,7 @@ class MAML(Algorithm):
         mean = mt.map(lambda g: g.mean(0), grads)
         return mean, losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
-    def _shares_first_step(self, meta_params: Any) -> bool:
+    def _shares_first_step(self, meta_params: Any, batch: TaskBatch) -> bool:
         """Whether :meth:`meta_grad` takes the tasks' first inner step at once (the class
         docstring's ``shared_first_step``), for the algorithms whose inner loop is
         :meth:`inner_loop` over the whole task (MAML, first-order MAML, Meta-SGD), called at the
@@ -282,7 +290,13 @@ class MAML(Algorithm):
             return False
         rest = resolve_strategy(self.strategy, _device(meta_params))
         if self.shared_first_step is None:
-            return rest in ("loop", "threads") and self.inner_steps == 1 and self.model.vmap_exact
+            support = batch.support_x.shape[1] if batch.support_x.dim() > 1 else 0
+            return (
+                rest in ("loop", "threads")
+                and self.inner_steps == 1
+                and self.model.vmap_exact
+                and support <= self.SHARED_STEP_MAX_SUPPORT
+            )
         return rest in ("loop", "threads")
 
     def _meta_grad_shared_first(
