@@ -254,9 +254,10 @@ def default_strategy(device: torch.device | str) -> str:
     ``metafunc train --strategy auto`` calls) times the candidates on your own work instead of
     taking this rule.
     :class:`metafunc.algorithms.MAML` (and first-order MAML, Meta-SGD) with ``inner_steps=1``
-    make an exception on the CPU, for models exact under ``vmap`` (``Model.vmap_exact``):
-    ``'auto'`` computes every task's one inner step in a single ``vmap`` (its
-    ``shared_first_step``) and then runs the query passes as ``'threads'``.
+    and small support sets (``MAML.SHARED_STEP_MAX_SUPPORT``) make an exception on the CPU,
+    for models exact under ``vmap`` (``Model.vmap_exact``): ``'auto'`` computes every task's
+    one inner step in a single ``vmap`` (its ``shared_first_step``) and then runs the query
+    passes as ``'threads'``.
     On glibc, :func:`metafunc.tune_cpu_allocator` (which ``metafunc train`` calls) saves the
     tasks from page-faulting their buffers in again each meta-batch: 3-20% more on 2 cores.
     """
