@@ -33,7 +33,6 @@ __all__ = [
     "check_strategies",
     "default_strategy",
     "grad_with_aux",
-    "resolve_strategy",
     "run_tasks",
     "strategy_candidates",
     "strategy_label",
@@ -264,8 +263,9 @@ def default_strategy(device: torch.device | str) -> str:
     return "vmap" if torch.device(device).type == "cuda" else "threads"
 
 
-def resolve_strategy(strategy: str, device: torch.device | str) -> str:
-    """``strategy``, with ``'auto'`` replaced by :func:`default_strategy` of ``device``."""
+def _resolved(strategy: str, device: torch.device | str) -> str:
+    """``strategy``, with ``'auto'`` replaced by :func:`default_strategy` of ``device`` (a
+    name, unlike :func:`metafunc.harness.run.resolve_strategy`, which times candidates)."""
     return default_strategy(device) if strategy == "auto" else strategy
 
 
@@ -296,7 +296,7 @@ def tasks_at_once(strategy: str, chunk_size: int | None, tasks: int, device: tor
     ``'threads'``, ``chunk_size`` for ``'chunked'``, all for ``'vmap'``; ``'auto'`` as
     :func:`default_strategy`. Algorithms differentiate their meta-loss in pieces of this size
     (under ``'threads'``, :func:`task_workers` pieces at a time)."""
-    chosen = resolve_strategy(strategy, device)
+    chosen = _resolved(strategy, device)
     if chosen in ("loop", "threads"):
         return 1
     return min(tasks, chunk_size) if chosen == "chunked" and chunk_size else tasks
@@ -375,7 +375,7 @@ def task_workers(strategy: str, device: torch.device | str) -> int:
     strategies and on a non-CPU device. :func:`run_tasks` still runs them in turn where the
     calling thread has state the workers would not share. While ``torch.compile`` traces the
     answer is 1: a compiled graph covers one task (or one chunk), and its pieces run in turn."""
-    chosen = resolve_strategy(strategy, device)
+    chosen = _resolved(strategy, device)
     if chosen != "threads" or torch.device(device).type != "cpu":
         return 1
     if torch.compiler.is_compiling():
@@ -524,7 +524,7 @@ def task_map(
         device = next(
             mt.leaves(a)[0] for a, d in zip(args, in_dims, strict=True) if d is not None
         ).device
-        chosen = resolve_strategy(strategy, device)
+        chosen = _resolved(strategy, device)
         if chosen in ("vmap", "chunked"):
             vm = torch.func.vmap(fn, in_dims=in_dims, randomness=randomness, chunk_size=chunk_size)
             return vm(*args)

@@ -89,12 +89,10 @@ def batch(gen):
 
 
 @pytest.fixture(autouse=True)
-def _two_intra_op_threads():
+def _two_intra_op_threads(intra_op_threads):
     """Two threads, so that the 'threads' strategy runs tasks concurrently on any machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with intra_op_threads(2):
+        yield
 
 
 # on the per-task strategies MAML shares the first inner step across tasks by default

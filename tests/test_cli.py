@@ -324,7 +324,9 @@ def test_auto_strategy_candidates_per_device():
     assert strategy_candidates(cuda, 8, 3) == [("loop", None), ("vmap", None)]
 
 
-def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(monkeypatch):
+def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(
+    monkeypatch, intra_op_threads
+):
     from metafunc.harness import run as harness_run
     from metafunc.harness.config import Config
 
@@ -332,18 +334,14 @@ def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(mo
         raise AssertionError("a pretraining run has no meta-batch to time: nothing to build")
 
     monkeypatch.setattr(harness_run, "build", no_build)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         cfg = Config(algorithm="baseline", dataset="omniglot", strategy="auto")
         resolved, times = harness_run.resolve_strategy(cfg)
-    finally:
-        torch.set_num_threads(before)
     assert resolved.strategy == "threads" and times == {}
 
 
 def test_auto_strategy_builds_one_meta_gradient_per_candidate_and_times_the_last_iteration(
-    monkeypatch,
+    monkeypatch, intra_op_threads
 ):
     from metafunc.algorithms import MAML
     from metafunc.harness import run as harness_run
@@ -362,13 +360,9 @@ def test_auto_strategy_builds_one_meta_gradient_per_candidate_and_times_the_last
         return meta_grad
 
     monkeypatch.setattr(MAML, "compiled_meta_grad", compiled_meta_grad)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         cfg = Config(strategy="auto", compile="default", iterations=7, meta_batch=4)
         resolved, times = harness_run.resolve_strategy(cfg)
-    finally:
-        torch.set_num_threads(before)
     # the run's own (here: compiled) meta-gradient, built once per candidate although each
     # runs four times (a warm-up and three timed rounds), at the run's last iteration (the
     # 'auto' one is the run's own, built with it and never called)

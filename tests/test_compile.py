@@ -73,7 +73,7 @@ def test_compiled_loop_runs_one_task_graph_for_any_meta_batch(gen):
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
 
 
-def test_compiled_default_strategy_with_intra_op_threads(gen):
+def test_compiled_default_strategy_with_intra_op_threads(gen, intra_op_threads):
     """The CPU default ('auto', which runs tasks on threads when torch has several) compiles:
     the traced graph is one task's and the pieces run in turn, with the reference gradients."""
     tasks, ways, shots = 3, 2, 1
@@ -83,13 +83,9 @@ def test_compiled_default_strategy_with_intra_op_threads(gen):
     batch = TaskBatch(x, y, q, y)
     alg = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1)
     meta = alg.init(gen, dtype=torch.float64)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         grads, loss, _ = alg.compiled_meta_grad(backend="aot_eager")(meta, batch)
         _, eager_loss, _ = alg.meta_grad(meta, batch)
-    finally:
-        torch.set_num_threads(before)
     ref = ref_meta_grad(meta, batch, 1, lr=lambda leaves, k, n: LR)
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
     assert float(loss) == pytest.approx(float(eager_loss), rel=1e-12)

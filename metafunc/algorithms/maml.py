@@ -28,8 +28,8 @@ from metafunc.algorithms.base import (
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import (
     _device,
+    _resolved,
     adapt,
-    resolve_strategy,
     run_tasks,
     task_map,
     task_workers,
@@ -288,7 +288,7 @@ class MAML(Algorithm):
         leaves = mt.leaves(meta_params)
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
-        rest = resolve_strategy(self.strategy, _device(meta_params))
+        rest = _resolved(self.strategy, _device(meta_params))
         if self.shared_first_step is None:
             support = batch.support_x.shape[1] if batch.support_x.dim() > 1 else 0
             return (
