@@ -187,6 +187,10 @@ def validate(
 
 
 def _check_same_structure(call: str, trees: Sequence[PyTree], names: Sequence[str]) -> None:
+    if torch.compiler.is_compiling():
+        # Dynamo before torch 2.14 cannot trace PyTreeSpec.__eq__ ("Polyfill handler ... does
+        # not have a traceable function"); a mismatch still fails in the tree_map that follows.
+        return
     first = optree.tree_structure(trees[0])
     for tree, tree_name in zip(trees[1:], names[1:], strict=True):
         other = optree.tree_structure(tree)

@@ -73,6 +73,8 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
     call = "scale_by_learning_rate(lr)"
     _check_nonnegative(call, "lr", lr)
     is_tree = _is_tree(lr)
+    # decided once, and never callable() of a dict: dynamo before torch 2.14 cannot trace that
+    is_schedule = not is_tree and not isinstance(lr, torch.Tensor) and callable(lr)
     if per_step and not is_tree and not isinstance(lr, torch.Tensor):
         raise ValueError(
             f"{call}: per_step=True needs a tensor or tree of tensors with a step axis."
@@ -89,8 +91,7 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
 
     def rate_tree(grads: Any, count: torch.Tensor) -> Any:
         if is_tree:
-            if optree.tree_structure(lr) != optree.tree_structure(grads):
-                mt._check_same_structure(call, (grads, lr), ("grads", "lr"))
+            mt._check_same_structure(call, (grads, lr), ("grads", "lr"))
             rates = lr
         else:
             rates = optree.tree_map(lambda _: lr, grads)
@@ -111,7 +112,7 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
     def update(
         grads: Any, state: ScaleByLearningRateState, params: Any = None
     ) -> tuple[Any, ScaleByLearningRateState]:
-        if callable(lr) and not isinstance(lr, torch.Tensor):
+        if is_schedule:
             step_lr = lr(state.step)
             updates = optree.tree_map(lambda g: -step_lr.to(g.dtype) * g, grads)
         else:
