@@ -15,6 +15,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 _REPO = Path(__file__).resolve().parents[1]
 if str(_REPO) not in sys.path:
@@ -24,6 +25,8 @@ import torch  # noqa: E402
 
 from benchmarks.peers.driver import _python_for, format_table, prepare, run_impl  # noqa: E402
 from benchmarks.peers.spec import setting  # noqa: E402
+
+COLUMNS = ["inner_steps", "impl", "status", "median_ms", "peak_memory_mib", "peak_increase_mib"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     workdir = _REPO / "runs" / "bench_memory" / time.strftime("%Y%m%d-%H%M%S")
     changes = {k: v for k, v in (("meta_batch", args.meta_batch), ("queries", args.queries)) if v}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out = args.out or _REPO / "benchmarks" / "results" / f"bench_memory-{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d"), "setting": args.setting, "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "threads": args.threads, "torch": torch.__version__, **changes,
+    }  # fmt: skip
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(format_table(rows, COLUMNS, markdown=True) + "\n")
+
     for steps in [int(s) for s in args.steps.split(",")]:
         spec = setting(
             args.setting, inner_steps=steps, device=args.device, threads=args.threads,
@@ -57,17 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             }  # fmt: skip
             rows.append(row)
             print(format_table([row], list(row)).splitlines()[-1], flush=True)
-    cols = ["inner_steps", "impl", "status", "median_ms", "peak_memory_mib", "peak_increase_mib"]
-    print(format_table(rows, [*cols, "reason"]))
-    out = args.out or _REPO / "benchmarks" / "results" / f"bench_memory-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "date": time.strftime("%Y-%m-%d"), "setting": args.setting, "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "threads": args.threads, "torch": torch.__version__, **changes,
-    }  # fmt: skip
-    out.write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(format_table(rows, cols, markdown=True) + "\n")
+            write(rows)  # after every row: a run stopped part-way keeps what it measured
+    print(format_table(rows, [*COLUMNS, "reason"]))
     print(f"results: {out}")
     return 0
 

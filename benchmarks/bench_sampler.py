@@ -64,8 +64,10 @@ def cpu_model() -> str | None:
 
 
 def commit() -> str | None:
-    """The checkout's ``git`` commit, with ``+dirty`` when tracked files differ from it."""
+    """The checkout's ``git`` commit, with ``+dirty`` when tracked files differ from it; where
+    there is no git checkout (a copy of the tree on a lent GPU machine), ``$METAFUNC_COMMIT``."""
     root = Path(__file__).resolve().parents[1]
+    given = os.environ.get("METAFUNC_COMMIT") or None
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
@@ -75,9 +77,9 @@ def commit() -> str | None:
             cwd=root, capture_output=True, text=True,
         )  # fmt: skip
     except OSError:
-        return None
+        return given
     if head.returncode != 0:
-        return None
+        return given
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 

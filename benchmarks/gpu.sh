@@ -1,31 +1,162 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: GPU tests, then the speed and memory benchmarks, results under
-# benchmarks/results/ with the device name and date in the file names. Needs the venv carried
-# over (or `pip install -e '.[test]'`); peers run when .peers-venv exists, else are reported
-# missing. Usage: bash benchmarks/gpu.sh [OUT_DIR]
-set -euo pipefail
+# The GPU comparison of issue 6 in one call on a lent GPU machine: GPU tests, the float64
+# agreement check, then the timings, most important first, inside a time budget.
+#
+#   here:        bash benchmarks/gpu_prepare.sh          # once: wheels and data into .whl/
+#   the device:  run(command='METAFUNC_COMMIT=<sha> bash benchmarks/gpu.sh "$OUT"',
+#                    carry=[".whl"], timeout_s=600)
+#
+# The lent machine's image has python3 with torch but no optree and no peers, and reaches no
+# network: with .whl/ present this script installs them from there into /tmp/metafunc-site (and
+# unpacks Omniglot for bench_precision). Elsewhere it uses .venv/bin/python if present (else
+# python3) as it is.
+#
+# Steps run in order; one whose estimate would overrun BUDGET seconds (default 540) is skipped
+# and says so, and each runs under `timeout` for what is left. Results are written under
+# benchmarks/results/ with the device name and date in their names, and after every step they
+# are packed again into OUT/gpu-results-<device>-<date>.tgz, so a call cut short still brings
+# back what finished. The log is OUT/gpu.log.
+#
+# DEVICE=cpu rehearses the whole script on a machine without a GPU (with WARMUP, ITERS, MAX_SECONDS
+# and BUDGET to keep it short); SKIP="name ..." leaves steps out.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
 OUT=${1:-benchmarks/results}
-mkdir -p "$OUT"
-NAME=$($PY -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
-DAY=$(date +%F)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu-$NAME-$DAY.txt"
-$PY -m pytest -q -m gpu tests 2>&1 | tail -3 | tee -a "$OUT/gpu-$NAME-$DAY.txt"
-# agreement first (float64, tiny), then timing on the two Omniglot settings, both orders
-$PY benchmarks/peers/driver.py --check --device cuda --settings omniglot-5w1s,omniglot-20w1s \
-  --impls plain,funcvmap,metafunc,metafunc-vmap,learn2learn,higher,torchopt
-for order in "" "--first-order"; do
-  tag=${order:+-first}
-  $PY benchmarks/peers/driver.py --device cuda --settings omniglot-5w1s,omniglot-20w1s \
-    --impls plain,funcvmap,metafunc,metafunc-vmap,metafunc-compile,learn2learn,higher,torchopt \
-    --warmup 3 --iters 20 $order --out "$OUT/peers-$NAME-$DAY$tag.json"
+BUDGET=${BUDGET:-540}
+DEVICE=${DEVICE:-cuda}
+WARMUP=${WARMUP:-2}
+ITERS=${ITERS:-20}
+MAX_SECONDS=${MAX_SECONDS:-5}
+SKIP=${SKIP:-}
+RES=benchmarks/results
+mkdir -p "$OUT" "$RES"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/gpu.log") 2>&1
+export PYTHONUNBUFFERED=1
+
+if [ -d .whl ]; then  # the lent machine: install what its image lacks, with no network
+  PY=${PY:-python3}
+  site=/tmp/metafunc-site
+  rm -rf "$site" && mkdir -p "$site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+    .whl/*.whl || echo "gpu.sh: installing .whl/*.whl failed"
+  # learn2learn: the C that Cython generated (gpu_prepare.sh), compiled for this python
+  if tar xzf .whl/learn2learn-*-src.tar.gz -C "$site"; then
+    inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+    ext=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+    pids=()
+    for f in meta_dataset task_dataset transforms; do
+      "${CC:-cc}" -shared -fPIC -O0 -I"$inc" "$site/learn2learn/data/$f.c" \
+        -o "$site/learn2learn/data/$f$ext" &
+      pids+=($!)
+    done
+    if ! wait "${pids[@]}"; then
+      # No compiler or no Python headers there: importable stand-ins for the three data modules
+      # (the benchmark uses learn2learn.algorithms.MAML alone), and the log says so.
+      echo "gpu.sh: compiling learn2learn's data modules failed; import-only stand-ins instead"
+      for f in meta_dataset task_dataset transforms; do
+        rm -f "$site/learn2learn/data/$f$ext"
+        cat >"$site/learn2learn/data/$f.py" <<'STANDIN'
+"""Stand-in written by metafunc's benchmarks/gpu.sh where this Cython module could not be
+compiled: importable, not usable (the benchmark uses learn2learn.algorithms.MAML alone)."""
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError(f"learn2learn.data: {name} was not compiled on this machine")
+
+    return type(name, (), {"__init__": unavailable})
+STANDIN
+      done
+    fi
+  fi
+  export PYTHONPATH=$site
+  if [ -f .whl/omniglot-py.tar.gz ] && [ -z "${METAFUNC_DATA:-}" ]; then
+    mkdir -p /tmp/metafunc-data && tar xzf .whl/omniglot-py.tar.gz -C /tmp/metafunc-data \
+      && export METAFUNC_DATA=/tmp/metafunc-data
+  fi
+elif [ -x .venv/bin/python ]; then
+  PY=${PY:-.venv/bin/python}
+else
+  PY=${PY:-python3}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export METAFUNC_DATA=${METAFUNC_DATA:-../shared/data}
+
+if [ "$DEVICE" = cpu ]; then
+  NAME=cpu-rehearsal
+else
+  NAME=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))") || {
+    echo "gpu.sh: no CUDA device visible to $PY"
+    exit 1
+  }
+fi
+TAG="$NAME-$(date +%F)"
+echo "gpu.sh: $TAG, python $PY, budget ${BUDGET} s, commit ${METAFUNC_COMMIT:-(git)}"
+
+pack() {
+  (cd "$RES" && tar czf "$OUT/gpu-results-$TAG.tgz" -- *"$TAG"*) 2>/dev/null || true
+}
+
+step() {  # step NAME ESTIMATED_SECONDS COMMAND...
+  local name=$1 est=$2 left rc t0=$SECONDS
+  shift 2
+  left=$((BUDGET - SECONDS))
+  if [[ " $SKIP " == *" $name "* ]]; then
+    echo "== $name: skipped (SKIP)"
+    return
+  fi
+  if ((est > left)); then
+    echo "== $name: skipped, estimated ${est} s and ${left} s are left"
+    return
+  fi
+  echo "== $name (estimated ${est} s, ${left} s left, $(date +%T))"
+  timeout --kill-after=10 "$left" "$@"
+  rc=$?
+  echo "== $name: exit $rc after $((SECONDS - t0)) s"
+  pack
+}
+
+driver=("$PY" benchmarks/peers/driver.py --device "$DEVICE")
+time_args=(--warmup "$WARMUP" --iters "$ITERS" --max-seconds "$MAX_SECONDS" --timeout 150)
+IMPLS=plain,funcvmap,metafunc,metafunc-chunked,learn2learn,higher,torchopt
+
+step environment 30 bash -c "
+  { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+    $PY -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda)'
+    for m in metafunc optree learn2learn higher torchopt; do
+      $PY -c \"import \$m; print('\$m', getattr(\$m, '__version__', '?'))\" 2>&1 | tail -1
+    done; } | tee '$RES/gpu-$TAG.txt'"
+step gpu-tests 90 bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+  | tail -15 | tee -a '$RES/gpu-$TAG.txt'"
+# float64 agreement with the plain loop before any timing: metafunc's strategies and the naive
+# vmap, second order (the peers' agreement is checked on the CPU, and again in float32 by every
+# timing run below)
+step check 120 "${driver[@]}" --check --settings omniglot-5w1s,omniglot-20w1s --timeout 60 \
+  --orders second --impls plain,funcvmap,metafunc,metafunc-chunked,metafunc-loop \
+  --out "$RES/peers-check-$TAG.json"
+# the targets: second order, the two Omniglot settings, one file each
+for s in omniglot-5w1s omniglot-20w1s; do
+  step "second-$s" 120 "${driver[@]}" --settings "$s" --impls "$IMPLS" "${time_args[@]}" \
+    --out "$RES/peers-$TAG-$s.json"
 done
-# the 20-way setting as issue 6 words it (5 queries per class), second order, without compile
-$PY benchmarks/peers/driver.py --device cuda --settings omniglot-20w1s-5q \
-  --impls plain,funcvmap,metafunc,metafunc-vmap,learn2learn,higher,torchopt \
-  --warmup 3 --iters 20 --out "$OUT/peers-$NAME-$DAY-5q.json"
-METAFUNC_DATA=${METAFUNC_DATA:-../shared/data} $PY benchmarks/bench_precision.py --device cuda \
-  --out "$OUT/bench_precision-$NAME-$DAY.json" || echo "bench_precision: no Omniglot data here"
-$PY benchmarks/bench_memory.py --device cuda --steps 1,5,10,25,50 \
-  --impls metafunc,metafunc-checkpoint --iters 3 --out "$OUT/bench_memory-$NAME-$DAY.json"
+for s in omniglot-5w1s omniglot-20w1s; do
+  step "first-$s" 100 "${driver[@]}" --settings "$s" --impls "$IMPLS" --first-order \
+    "${time_args[@]}" --out "$RES/peers-$TAG-$s-first.json"
+done
+# what else the strategy could be on this device, and the compiled meta-gradient
+step variants 150 "${driver[@]}" --settings omniglot-5w1s,omniglot-20w1s "${time_args[@]}" \
+  --impls plain,metafunc-vmap,metafunc-loop,metafunc-cl,metafunc-compile \
+  --out "$RES/peers-$TAG-variants.json"
+step 5q 120 "${driver[@]}" --settings omniglot-20w1s-5q --impls "$IMPLS" "${time_args[@]}" \
+  --out "$RES/peers-$TAG-5q.json"
+step memory 90 "$PY" benchmarks/bench_memory.py --device "$DEVICE" --steps 1,5,10,25,50 \
+  --impls metafunc,metafunc-checkpoint,learn2learn --iters 2 \
+  --out "$RES/bench_memory-$TAG.json"
+step precision 90 "$PY" benchmarks/bench_precision.py --device "$DEVICE" \
+  --out "$RES/bench_precision-$TAG.json"
+pack
+echo "gpu.sh: done in ${SECONDS} s; results in $OUT/gpu-results-$TAG.tgz"

@@ -245,3 +245,55 @@ def test_driver_results_name_the_machine_and_commit(tmp_path: Path) -> None:
     assert where["cpu"] and where["cpu_count"] >= 1 and "commit" in where
     header = out.with_suffix(".md").read_text().splitlines()[0]
     assert header.startswith(where["date"]) and f"commit {where['commit']}" in header
+
+
+def test_max_seconds_stops_timing_after_three_iterations(tmp_path: Path) -> None:
+    """A time cap (a lent GPU's budget) stops the timed loop once it is spent, never before
+    three timed iterations; without one every iteration is timed."""
+    capped = prepare(tiny_spec(iters=6, max_seconds=1e-9), tmp_path / "capped", seed=0)
+    res = run_peer.run("plain", capped, tmp_path / "capped.grad.pt")
+    assert res["status"] == "ok" and res["timed_iters"] == 3 == len(res["times_ms"])
+    full = prepare(tiny_spec(iters=4), tmp_path / "full", seed=0)
+    assert run_peer.run("plain", full, tmp_path / "full.grad.pt")["timed_iters"] == 4
+    with pytest.raises(ValueError, match="max_seconds=0"):
+        tiny_spec(max_seconds=0)
+    assert load_spec(capped.save(tmp_path / "spec.json")).max_seconds == 1e-9
+
+
+def test_commit_falls_back_to_the_environment_without_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a copy of the tree without .git (a lent GPU machine) results still name the commit,
+    from $METAFUNC_COMMIT; in a checkout git's answer wins."""
+    from benchmarks import bench_sampler
+
+    monkeypatch.setenv("METAFUNC_COMMIT", "abc1234")
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-such-git-dir"))
+    assert bench_sampler.commit() == "abc1234"
+    monkeypatch.delenv("GIT_DIR")
+    if bench_sampler.commit() is not None:  # this is a git checkout
+        assert bench_sampler.commit() != "abc1234"
+
+
+def test_bench_memory_writes_each_row_as_it_is_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped part-way (a lent GPU's time running out) keeps the rows it measured: the
+    JSON is rewritten after every one."""
+    from benchmarks import bench_memory
+
+    out = tmp_path / "m.json"
+    seen: list[int] = []
+
+    def fake_run_impl(python_exe, impl, spec, workdir, **kwargs):  # type: ignore[no-untyped-def]
+        if out.exists():
+            seen.append(len(json.loads(out.read_text())["rows"]))
+        return {"status": "ok", "median_ms": 1.0, "peak_memory_mib": 2.0}
+
+    monkeypatch.setattr(bench_memory, "run_impl", fake_run_impl)
+    monkeypatch.setattr(bench_memory, "prepare", lambda spec, workdir, seed: spec)
+    args = ["--steps", "1,2", "--impls", "metafunc,metafunc-checkpoint", "--out", str(out)]
+    assert bench_memory.main(args) == 0
+    assert seen == [1, 2, 3]
+    assert len(json.loads(out.read_text())["rows"]) == 4
+    assert out.with_suffix(".md").read_text().count("| ok |") == 4

@@ -245,11 +245,13 @@ def _run_all(
     seed: int,
     overrides: Mapping[str, str],
     env: Mapping[str, str] | None = None,
+    timeout: float = 3600.0,
 ) -> dict[str, dict[str, Any]]:
     spec = prepare(spec, workdir, seed)
     results = {}
     for impl in impls:
-        results[impl] = run_impl(_python_for(impl, overrides), impl, spec, workdir, env=env)
+        python_exe = _python_for(impl, overrides)
+        results[impl] = run_impl(python_exe, impl, spec, workdir, timeout=timeout, env=env)
         print(f"  {spec.name:28s} {impl:18s} {results[impl]['status']}", flush=True)
     return results
 
@@ -298,6 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="timing mode: stop timing an impl once its timed iterations add up to this many "
+        "seconds (after at least 3); the rows say how many were timed",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="seconds one impl's process may run (set-up, warm-up and timing) before it is "
+        "stopped and reported as a timeout",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--rounds",
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = setting(name, first_order=order == "first", device=args.device, **extra)
                 spec = tiny(spec)
                 spec = spec.replace(name=f"{spec.name}-{order}")
-                results = _run_all(spec, impls, workdir, args.seed, overrides, env)
+                results = _run_all(spec, impls, workdir, args.seed, overrides, env, args.timeout)
                 rows = compare_gradients(results, args.reference, rtol=1e-6)
                 failed |= any(r["ok"] is False for r in rows)
                 summary += [{"setting": spec.name, **r} for r in rows]
@@ -344,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=args.dtype,
             warmup=args.warmup,
             iters=args.iters,
+            max_seconds=args.max_seconds,
             first_order=args.first_order,
             **extra,
         )
@@ -355,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 overrides,
                 env,
+                args.timeout,
             )
             for k in range(args.rounds)
         ]
@@ -364,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         plain = results.get("plain", {})
         flops, rate = plain.get("flops_per_iteration"), plain.get("matmul_flop_per_s")
         for impl, res in results.items():
-            keep = ("status", "impl_version", "median_ms", "tasks_per_s", "peak_memory_mib")
+            keep = ("status", "impl_version", "median_ms", "timed_iters", "tasks_per_s")
+            keep += ("peak_memory_mib",)
             row = {"setting": name, "impl": impl, **{k: res.get(k) for k in keep}}
             if flops and rate and res.get("status") == "ok":  # identical work: plain's count
                 achieved = flops / (res["median_ms"] / 1000.0)

@@ -194,6 +194,9 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         t3 = time.perf_counter()
         if it >= spec.warmup:
             times_ms.append((t1 - t0 + t3 - t2) * 1000.0)
+            spent = sum(times_ms) / 1000.0
+            if spec.max_seconds is not None and len(times_ms) >= 3 and spent >= spec.max_seconds:
+                break
 
     cpu_after = _cpu_times()
     steal = None
@@ -224,6 +227,7 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         "meta_losses": losses,
         "grad_path": str(grad_path.resolve()),
         "times_ms": times_ms,
+        "timed_iters": len(times_ms),
         "median_ms": median,
         "tasks_per_s": spec.meta_batch * 1000.0 / median if times_ms else float("nan"),
         "peak_memory_kind": "cuda_allocated" if cuda else "cpu_rss",

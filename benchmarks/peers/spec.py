@@ -34,6 +34,9 @@ class Spec:
             (stride-1 convs, 2x2 max-pool after each block, flatten).
         dtype: ``"float32"`` or ``"float64"``; device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         warmup, iters: untimed and timed meta-iterations.
+        max_seconds: stop timing early once the timed iterations add up to this many seconds
+            (after at least 3 of them), so a slow impl cannot eat a fixed budget such as a lent
+            GPU's; None times all ``iters``. The result says how many were timed.
         outer_lr: learning rate of the outer ``torch.optim.Adam``.
         init_path, data_path: the init and data files (``make_inputs`` writes them); relative
             paths are relative to the spec file.
@@ -64,6 +67,7 @@ class Spec:
     data_path: str = "data.pt"
     threads: int | None = None
     per_task_backward: bool = False
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
         where = f"Spec(name={self.name!r})"
@@ -75,6 +79,10 @@ class Spec:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{where}: {field}={value!r}; it must be an int >= 0.")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(
+                f"{where}: max_seconds={self.max_seconds!r}; use a positive number or None."
+            )
         if self.warmup + self.iters < 1:
             raise ValueError(f"{where}: warmup + iters is 0; run at least one iteration.")
         if self.pooling not in _POOLINGS:
