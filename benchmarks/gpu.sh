@@ -149,7 +149,7 @@ for s in omniglot-5w1s omniglot-20w1s; do
 done
 # what else the strategy could be on this device, and the compiled meta-gradient
 step variants 150 "${driver[@]}" --settings omniglot-5w1s,omniglot-20w1s "${time_args[@]}" \
-  --impls plain,metafunc-vmap,metafunc-loop,metafunc-cl,metafunc-compile \
+  --impls plain,metafunc-loop,metafunc-cl,metafunc-compile,metafunc-compile-ro \
   --out "$RES/peers-$TAG-variants.json"
 step 5q 120 "${driver[@]}" --settings omniglot-20w1s-5q --impls "$IMPLS" "${time_args[@]}" \
   --out "$RES/peers-$TAG-5q.json"

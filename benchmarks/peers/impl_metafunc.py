@@ -6,9 +6,11 @@ tasks) to time each task-parallel strategy on the same work, and ``metafunc-chec
 default strategy with ``MAML(checkpoint=True)``: memory flat in the number of inner steps) and
 ``metafunc-compile`` (the default strategy, the meta-gradient compiled by
 ``MAML.compiled_meta_grad``, one task per graph on the CPU; the untimed warm-up iteration pays
-for the compilation). On the CPU every variant calls ``metafunc.tune_cpu_allocator()`` first,
-as ``metafunc train`` does, except ``metafunc-malloc-default`` (the default strategy with the C
-library's allocator settings, to time what the tuning changes in the same run) and
+for the compilation) and ``metafunc-compile-ro`` (the same in ``'reduce-overhead'`` mode: CUDA
+graphs on CUDA, where the shapes are static). On the CPU every variant calls
+``metafunc.tune_cpu_allocator()`` first, as ``metafunc train`` does, except
+``metafunc-malloc-default`` (the default strategy with the C library's allocator settings, to
+time what the tuning changes in the same run) and
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
 first inner step computed on its own, as before the tasks' shared first step was batched; the
 other variants keep MAML's default, ``None``), ``metafunc-cl`` (the default strategy with
@@ -35,6 +37,7 @@ STRATEGIES = {
     "metafunc-chunked": "chunked",
     "metafunc-checkpoint": "auto",  # with gradient checkpointing across inner steps
     "metafunc-compile": "auto",  # with torch.compile of the whole meta-gradient
+    "metafunc-compile-ro": "auto",  # the same, mode='reduce-overhead' (CUDA graphs)
     "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
     "metafunc-unshared": "auto",  # MAML(shared_first_step=False): each task's first step alone
     "metafunc-cl": "auto",  # conv4(channels_last=True)
@@ -73,8 +76,10 @@ class MetafuncPeer:
             checkpoint=variant == "metafunc-checkpoint",
             shared_first_step=False if variant == "metafunc-unshared" else None,
         )  # fmt: skip
-        compiled = variant == "metafunc-compile"
-        self.meta_grad = self.alg.compiled_meta_grad() if compiled else self.alg.meta_grad
+        modes = {"metafunc-compile": "default", "metafunc-compile-ro": "reduce-overhead"}
+        self.meta_grad = (
+            self.alg.compiled_meta_grad(modes[variant]) if variant in modes else self.alg.meta_grad
+        )
         self.params = {k: v.requires_grad_() for k, v in init.items()}
         self.batch = TaskBatch(
             data["support_x"], data["support_y"], data["query_x"], data["query_y"]

@@ -57,6 +57,7 @@ IMPLS: dict[str, str] = {
     "metafunc-chunked": "benchmarks.peers.impl_metafunc",
     "metafunc-checkpoint": "benchmarks.peers.impl_metafunc",
     "metafunc-compile": "benchmarks.peers.impl_metafunc",
+    "metafunc-compile-ro": "benchmarks.peers.impl_metafunc",
     "metafunc-malloc-default": "benchmarks.peers.impl_metafunc",
     "metafunc-unshared": "benchmarks.peers.impl_metafunc",
     "metafunc-cl": "benchmarks.peers.impl_metafunc",
