@@ -18,7 +18,8 @@
 # back what finished. The log is OUT/gpu.log.
 #
 # DEVICE=cpu rehearses the whole script on a machine without a GPU (with WARMUP, ITERS, MAX_SECONDS
-# and BUDGET to keep it short); SKIP="name ..." leaves steps out.
+# and BUDGET to keep it short); SKIP="name ..." leaves steps out; RES moves the results folder,
+# WHEELS the folder that gpu_prepare.sh filled.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results}
@@ -28,20 +29,22 @@ WARMUP=${WARMUP:-2}
 ITERS=${ITERS:-20}
 MAX_SECONDS=${MAX_SECONDS:-5}
 SKIP=${SKIP:-}
-RES=benchmarks/results
+RES=${RES:-benchmarks/results}
+WHEELS=${WHEELS:-.whl}
 mkdir -p "$OUT" "$RES"
 OUT=$(cd "$OUT" && pwd)
+RES=$(cd "$RES" && pwd)
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 
-if [ -d .whl ]; then  # the lent machine: install what its image lacks, with no network
+if [ -d "$WHEELS" ]; then  # the lent machine: install what its image lacks, with no network
   PY=${PY:-python3}
   site=/tmp/metafunc-site
   rm -rf "$site" && mkdir -p "$site"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
-    .whl/*.whl || echo "gpu.sh: installing .whl/*.whl failed"
+    "$WHEELS"/*.whl || echo "gpu.sh: installing $WHEELS/*.whl failed"
   # learn2learn: the C that Cython generated (gpu_prepare.sh), compiled for this python
-  if tar xzf .whl/learn2learn-*-src.tar.gz -C "$site"; then
+  if tar xzf "$WHEELS"/learn2learn-*-src.tar.gz -C "$site"; then
     inc=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
     ext=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
     pids=()
@@ -74,8 +77,8 @@ STANDIN
     fi
   fi
   export PYTHONPATH=$site
-  if [ -f .whl/omniglot-py.tar.gz ] && [ -z "${METAFUNC_DATA:-}" ]; then
-    mkdir -p /tmp/metafunc-data && tar xzf .whl/omniglot-py.tar.gz -C /tmp/metafunc-data \
+  if [ -f "$WHEELS/omniglot-py.tar.gz" ] && [ -z "${METAFUNC_DATA:-}" ]; then
+    mkdir -p /tmp/metafunc-data && tar xzf "$WHEELS/omniglot-py.tar.gz" -C /tmp/metafunc-data \
       && export METAFUNC_DATA=/tmp/metafunc-data
   fi
 elif [ -x .venv/bin/python ]; then

@@ -297,3 +297,39 @@ def test_bench_memory_writes_each_row_as_it_is_measured(
     assert seen == [1, 2, 3]
     assert len(json.loads(out.read_text())["rows"]) == 4
     assert out.with_suffix(".md").read_text().count("| ok |") == 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="benchmarks/gpu.sh is a bash script for Linux")
+def test_gpu_script_runs_what_fits_its_budget_and_packs_the_results(tmp_path: Path) -> None:
+    """benchmarks/gpu.sh, rehearsed on the CPU: a step runs when its estimate fits the budget,
+    the rest are skipped and say why, and what ran is packed into the one archive that comes
+    back from a lent machine. (The whole script, every step, was rehearsed by hand: HISTORY.)"""
+    import os
+    import subprocess
+    import tarfile
+
+    out, res = tmp_path / "out", tmp_path / "res"
+    env = {**os.environ, "DEVICE": "cpu", "PY": sys.executable, "RES": str(res)}
+    env["WHEELS"] = str(tmp_path / "no-wheels")  # this machine's own environment, as it is
+    env.pop("PYTHONPATH", None)
+
+    def gpu_sh(**extra: str) -> str:
+        proc = subprocess.run(
+            ["bash", str(_REPO / "benchmarks" / "gpu.sh"), str(out)],
+            env={**env, **extra}, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    log = gpu_sh(BUDGET="60")  # 'environment' (30 s) fits; 'gpu-tests' (90 s) does not
+    assert "== environment (estimated 30 s" in log and "== environment: exit 0" in log
+    assert "== gpu-tests: skipped, estimated 90 s" in log
+    assert "== precision: skipped" in log and "gpu.sh: done" in log
+    [archive] = out.glob("gpu-results-cpu-rehearsal-*.tgz")
+    with tarfile.open(archive) as tar:
+        [member] = tar.getmembers()
+        versions = tar.extractfile(member).read().decode()  # type: ignore[union-attr]
+    assert member.name.startswith("gpu-cpu-rehearsal-") and "metafunc 0.1.0" in versions
+    assert (out / "gpu.log").read_text().count("gpu.sh: done") == 1
+    log = gpu_sh(BUDGET="60", SKIP="environment")
+    assert "== environment: skipped (SKIP)" in log
