@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU comparison of issue 6 in one call on a lent GPU machine: GPU tests, the float64
-# agreement check, then the timings, most important first, inside a time budget.
+# The GPU comparison of issue 6 in one call on a lent GPU machine: the float64 agreement check,
+# the timings and the GPU tests, most important first, inside a time budget.
 #
 #   here:        bash benchmarks/gpu_prepare.sh          # once: wheels and data into .whl/
 #   the device:  run(command='METAFUNC_COMMIT=<sha> bash benchmarks/gpu.sh "$OUT"',
@@ -12,7 +12,7 @@
 # python3) as it is.
 #
 # Steps run in order; one whose estimate would overrun BUDGET seconds (default 540) is skipped
-# and says so, and each runs under `timeout` for what is left. Results are written under
+# and says so, and each is stopped after twice its estimate (or what is left, if less). Results are written under
 # benchmarks/results/ with the device name and date in their names, and after every step they
 # are packed again into OUT/gpu-results-<device>-<date>.tgz, so a call cut short still brings
 # back what finished. The log is OUT/gpu.log.
@@ -105,7 +105,7 @@ pack() {
 }
 
 step() {  # step NAME ESTIMATED_SECONDS COMMAND...
-  local name=$1 est=$2 left rc t0=$SECONDS
+  local name=$1 est=$2 left cap rc t0=$SECONDS
   shift 2
   left=$((BUDGET - SECONDS))
   if [[ " $SKIP " == *" $name "* ]]; then
@@ -116,8 +116,9 @@ step() {  # step NAME ESTIMATED_SECONDS COMMAND...
     echo "== $name: skipped, estimated ${est} s and ${left} s are left"
     return
   fi
-  echo "== $name (estimated ${est} s, ${left} s left, $(date +%T))"
-  timeout --kill-after=10 "$left" "$@"
+  cap=$((2 * est < left ? 2 * est : left))  # a step that runs long cannot take the rest
+  echo "== $name (estimated ${est} s, stopped after ${cap} s, ${left} s left, $(date +%T))"
+  timeout --kill-after=10 "$cap" "$@"
   rc=$?
   echo "== $name: exit $rc after $((SECONDS - t0)) s"
   pack
@@ -133,8 +134,6 @@ step environment 30 bash -c "
     for m in metafunc optree learn2learn higher torchopt; do
       $PY -c \"import \$m; print('\$m', getattr(\$m, '__version__', '?'))\" 2>&1 | tail -1
     done; } | tee '$RES/gpu-$TAG.txt'"
-step gpu-tests 90 bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
-  | tail -15 | tee -a '$RES/gpu-$TAG.txt'"
 # float64 agreement with the plain loop before any timing: metafunc's strategies and the naive
 # vmap, second order (the peers' agreement is checked on the CPU, and again in float32 by every
 # timing run below)
@@ -146,6 +145,10 @@ for s in omniglot-5w1s omniglot-20w1s; do
   step "second-$s" 120 "${driver[@]}" --settings "$s" --impls "$IMPLS" "${time_args[@]}" \
     --out "$RES/peers-$TAG-$s.json"
 done
+# every algorithm's meta-gradient on CUDA against the float64 references (tests/test_gpu.py),
+# the compiled meta-gradient (with CUDA graphs too) and a short training run
+step gpu-tests 150 bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+  | tail -25 | tee -a '$RES/gpu-$TAG.txt'"
 for s in omniglot-5w1s omniglot-20w1s; do
   step "first-$s" 100 "${driver[@]}" --settings "$s" --impls "$IMPLS" --first-order \
     "${time_args[@]}" --out "$RES/peers-$TAG-$s-first.json"

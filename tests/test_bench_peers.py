@@ -321,9 +321,9 @@ def test_gpu_script_runs_what_fits_its_budget_and_packs_the_results(tmp_path: Pa
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
-    log = gpu_sh(BUDGET="60")  # 'environment' (30 s) fits; 'gpu-tests' (90 s) does not
-    assert "== environment (estimated 30 s" in log and "== environment: exit 0" in log
-    assert "== gpu-tests: skipped, estimated 90 s" in log
+    log = gpu_sh(BUDGET="60")  # 'environment' (30 s) fits; 'check' (120 s) does not
+    assert "== environment (estimated 30 s, stopped after " in log
+    assert "== environment: exit 0" in log and "== check: skipped, estimated 120 s" in log
     assert "== precision: skipped" in log and "gpu.sh: done" in log
     [archive] = out.glob("gpu-results-cpu-rehearsal-*.tgz")
     with tarfile.open(archive) as tar:
