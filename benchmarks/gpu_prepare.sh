@@ -28,15 +28,7 @@ src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 # gym 0.26.2 (learn2learn imports it at import time) is published only as source: a pure wheel
 "$PY" -m pip wheel -q --no-deps -w "$W" gym==0.26.2
-"$PY" -m pip download -q --no-deps --no-binary :all: learn2learn==0.2.0 -d "$src"
-tar xzf "$src/learn2learn-0.2.0.tar.gz" -C "$src"
-"$PY" -m pip install -q --target "$src/cython" "cython>=3"
-(
-  cd "$src/learn2learn-0.2.0/learn2learn/data"
-  for f in meta_dataset task_dataset transforms; do
-    PYTHONPATH="$src/cython" "$PY" -m cython -3 "$f.pyx" -o "$f.c"
-  done
-)
+bash benchmarks/peers/learn2learn_source.sh "$src" "$PY"
 tar czf "$W/learn2learn-0.2.0-src.tar.gz" -C "$src/learn2learn-0.2.0" learn2learn
 # Omniglot's two folders (15 MB of PNGs), for bench_precision's real meta-batch and the data tests
 data=${METAFUNC_DATA:-../shared/data}
