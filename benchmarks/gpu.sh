@@ -11,8 +11,9 @@
 # unpacks Omniglot for bench_precision). Elsewhere it uses .venv/bin/python if present (else
 # python3) as it is.
 #
-# Steps run in order; one whose estimate would overrun BUDGET seconds (default 540) is skipped
-# and says so, and each is stopped after twice its estimate (or what is left, if less). Results are written under
+# Steps run in order; one whose estimate would overrun BUDGET seconds (default 540, for a call
+# of 600 s: pass less where less device time is left) is skipped and says so, and each is
+# stopped after twice its estimate (or what is left, if less). Results are written under
 # benchmarks/results/ with the device name and date in their names, and after every step they
 # are packed again into OUT/gpu-results-<device>-<date>.tgz, so a call cut short still brings
 # back what finished. The log is OUT/gpu.log.
@@ -53,7 +54,9 @@ if [ -d "$WHEELS" ]; then  # the lent machine: install what its image lacks, wit
         -o "$site/learn2learn/data/$f$ext" &
       pids+=($!)
     done
-    if ! wait "${pids[@]}"; then
+    compiled=1
+    for pid in "${pids[@]}"; do wait "$pid" || compiled=0; done  # each job's own status
+    if ((!compiled)); then
       # No compiler or no Python headers there: importable stand-ins for the three data modules
       # (the benchmark uses learn2learn.algorithms.MAML alone), and the log says so.
       echo "gpu.sh: compiling learn2learn's data modules failed; import-only stand-ins instead"
@@ -100,8 +103,9 @@ fi
 TAG="$NAME-$(date +%F)"
 echo "gpu.sh: $TAG, python $PY, budget ${BUDGET} s, commit ${METAFUNC_COMMIT:-(git)}"
 
-pack() {
-  (cd "$RES" && tar czf "$OUT/gpu-results-$TAG.tgz" -- *"$TAG"*) 2>/dev/null || true
+pack() {  # every result of this run (each impl's own JSON too), no tensors; replaced whole
+  (cd "$RES" && tar czf "$OUT/.gpu-results.tmp" --exclude='*.pt' -- *"$TAG"* \
+    && mv "$OUT/.gpu-results.tmp" "$OUT/gpu-results-$TAG.tgz") 2>/dev/null || true
 }
 
 step() {  # step NAME ESTIMATED_SECONDS COMMAND...
@@ -124,8 +128,10 @@ step() {  # step NAME ESTIMATED_SECONDS COMMAND...
   pack
 }
 
-driver=("$PY" benchmarks/peers/driver.py --device "$DEVICE")
-time_args=(--warmup "$WARMUP" --iters "$ITERS" --max-seconds "$MAX_SECONDS" --timeout 150)
+# each impl's result JSON lands under RES too (packed after every step), so a step stopped at
+# its cap keeps the impls it finished; the driver's table comes at the end of each call
+driver=("$PY" benchmarks/peers/driver.py --device "$DEVICE" --workdir "$RES/peers-work-$TAG")
+time_args=(--warmup "$WARMUP" --iters "$ITERS" --max-seconds "$MAX_SECONDS" --timeout 60)
 IMPLS=plain,funcvmap,metafunc,metafunc-chunked,learn2learn,higher,torchopt
 
 step environment 30 bash -c "
@@ -145,17 +151,19 @@ for s in omniglot-5w1s omniglot-20w1s; do
   step "second-$s" 120 "${driver[@]}" --settings "$s" --impls "$IMPLS" "${time_args[@]}" \
     --out "$RES/peers-$TAG-$s.json"
 done
-# every algorithm's meta-gradient on CUDA against the float64 references (tests/test_gpu.py),
-# the compiled meta-gradient (with CUDA graphs too) and a short training run
-step gpu-tests 150 bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
-  | tail -25 | tee -a '$RES/gpu-$TAG.txt'"
+# every algorithm's meta-gradient on CUDA against the float64 references (tests/test_gpu.py)
+# and a short training run; the compiled meta-gradient's tests come later (compiling is slow)
+step gpu-tests 60 bash -c "set -o pipefail; $PY -m pytest -q -rfE -m gpu -k 'not compiled' \
+  -p no:cacheprovider tests 2>&1 | tee -a '$RES/gpu-$TAG.txt'"
 for s in omniglot-5w1s omniglot-20w1s; do
   step "first-$s" 100 "${driver[@]}" --settings "$s" --impls "$IMPLS" --first-order \
     "${time_args[@]}" --out "$RES/peers-$TAG-$s-first.json"
 done
+step gpu-compile-tests 120 bash -c "set -o pipefail; $PY -m pytest -q -rfE -m gpu \
+  -k compiled -p no:cacheprovider tests 2>&1 | tee -a '$RES/gpu-$TAG.txt'"
 # what else the strategy could be on this device, and the compiled meta-gradient
 step variants 150 "${driver[@]}" --settings omniglot-5w1s,omniglot-20w1s "${time_args[@]}" \
-  --impls plain,metafunc-loop,metafunc-cl,metafunc-compile,metafunc-compile-ro \
+  --impls plain,metafunc-loop,metafunc-cl,metafunc-compile,metafunc-compile-ro --timeout 150 \
   --out "$RES/peers-$TAG-variants.json"
 step 5q 120 "${driver[@]}" --settings omniglot-20w1s-5q --impls "$IMPLS" "${time_args[@]}" \
   --out "$RES/peers-$TAG-5q.json"

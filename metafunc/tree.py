@@ -186,11 +186,14 @@ def validate(
         raise ValueError(f"{call}: {name} has no tensor leaves; there is nothing to differentiate.")
 
 
+#: Whether dynamo traces ``PyTreeSpec.__eq__``: torch 2.11 cannot ("Polyfill handler ... does
+#: not have a traceable function"); 2.14.1 can.
+_DYNAMO_TRACES_SPEC_EQ = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
 def _check_same_structure(call: str, trees: Sequence[PyTree], names: Sequence[str]) -> None:
-    if torch.compiler.is_compiling():
-        # Dynamo before torch 2.14 cannot trace PyTreeSpec.__eq__ ("Polyfill handler ... does
-        # not have a traceable function"); a mismatch still fails in the tree_map that follows.
-        return
+    if not _DYNAMO_TRACES_SPEC_EQ and torch.compiler.is_dynamo_compiling():
+        return  # there, a mismatch still fails in the tree_map each caller runs after this
     first = optree.tree_structure(trees[0])
     for tree, tree_name in zip(trees[1:], names[1:], strict=True):
         other = optree.tree_structure(tree)
@@ -238,7 +241,7 @@ def axpy(a: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
 def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
     """The inner product ``sum_leaves sum(x * y)`` as a 0-d tensor."""
     _check_same_structure("tree.vdot(x, y)", (x, y), ("x", "y"))
-    terms = [torch.sum(u * v) for u, v in zip(leaves(x), leaves(y), strict=True)]
+    terms = leaves(optree.tree_map(lambda u, v: torch.sum(u * v), x, y))  # mismatch: raises
     if not terms:
         raise ValueError("tree.vdot(x, y): the trees have no leaves.")
     return torch.stack(terms).sum()

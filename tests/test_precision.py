@@ -60,7 +60,7 @@ def test_precision_refusals():
         Config(precision="bf16", dtype="float64")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_tf32_sets_the_cuda_flags():
     build(Config(precision="tf32", device="cuda", meta_batch=2))
     assert torch.backends.cuda.matmul.fp32_precision == "tf32"

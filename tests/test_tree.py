@@ -420,3 +420,15 @@ def test_validate_rejects_non_string_keys_and_empty_trees() -> None:
         mt.validate({"head": {0: torch.zeros(1)}}, call="f()")
     with pytest.raises(ValueError, match="no tensor leaves"):
         mt.validate({"a": []}, call="f()")
+
+
+def test_mismatched_trees_fail_under_torch_compile_too():
+    """Where dynamo cannot trace the structure check (torch < 2.14) it stands aside, and the
+    arithmetic itself must still refuse mismatched trees rather than pair leaves by position."""
+    x = {"w": torch.ones(3), "b": torch.ones(2)}
+    y = {"w": torch.ones(3), "c": torch.ones(2)}
+    with pytest.raises(ValueError, match=r"tree.vdot\(x, y\).*only in x: \['b'\]"):
+        mt.vdot(x, y)
+    compiled = torch.compile(lambda a, b: mt.vdot(a, b), fullgraph=True, backend="eager")
+    with pytest.raises(Exception):  # noqa: B017 (dynamo wraps the error its own way)
+        compiled(x, y)

@@ -252,7 +252,9 @@ def _run_all(
     for impl in impls:
         python_exe = _python_for(impl, overrides)
         results[impl] = run_impl(python_exe, impl, spec, workdir, timeout=timeout, env=env)
-        print(f"  {spec.name:28s} {impl:18s} {results[impl]['status']}", flush=True)
+        res = results[impl]
+        done = f"{res['median_ms']:.1f} ms" if res.get("median_ms") is not None else ""
+        print(f"  {spec.name:28s} {impl:18s} {res['status']} {done}".rstrip(), flush=True)
     return results
 
 
@@ -403,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         cols = ["setting", "impl", "status", "loss_rel_err", "grad_rel_err", "grad_global_rel_err"]
         cols += ["worst_param", "ok"]
     else:
-        cols = ["setting", "impl", "status", "median_ms", "tasks_per_s", "peak_memory_mib"]
+        cols = ["setting", "impl", "status", "median_ms", "timed_iters", "tasks_per_s"]
+        cols += ["peak_memory_mib"]
         cols += ["peak_increase_mib", "gflop_per_s", "of_matmul", "grad_rel_err"]
         cols += ["grad_global_rel_err", "steal"]
     print(format_table(summary, [*cols, "reason"]))
