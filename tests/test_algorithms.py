@@ -236,6 +236,14 @@ def test_anil(gen, batch, strategy):
     check(alg, meta, batch, ref)
 
 
+def distinct_rates(rates, gen):
+    """Meta-SGD's rates made distinct per entry, so a mix-up of leaves cannot pass."""
+    return {
+        k: v * (1 + 0.5 * torch.rand(v.shape, generator=gen, dtype=v.dtype))
+        for k, v in rates.items()
+    }
+
+
 @pytest.mark.parametrize(("strategy", "shared"), PER_TASK)
 def test_meta_sgd(gen, batch, strategy, shared):
     alg = MetaSGD(
@@ -243,14 +251,36 @@ def test_meta_sgd(gen, batch, strategy, shared):
         shared_first_step=shared,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
-    # distinct per-entry rates, so a mix-up of leaves cannot pass
-    meta["lr"] = {
-        k: v * (1 + 0.5 * torch.rand(v.shape, generator=gen, dtype=v.dtype))
-        for k, v in meta["lr"].items()
-    }
+    meta["lr"] = distinct_rates(meta["lr"], gen)
     ref = ref_meta_grad(meta, batch, 2, lr=lambda leaves, k, n: leaves[f"lr.{n}"])
     assert float(ref["lr.head.weight"].abs().sum()) > 0
     check(alg, meta, batch, ref)
+
+
+def mamlpp_case(alg, gen, batch, iteration):
+    """MAML++ meta-parameters in float64 with distinct per-step rates and per-step batch-norm
+    parameters (MSL over 100 iterations), and the per-task reference meta-gradient at
+    ``iteration``."""
+    steps = alg.inner_steps
+    meta = alg.init(gen, dtype=torch.float64)
+    meta["lr"] = {
+        k: v * torch.tensor([1.0, 0.7, 1.3], dtype=v.dtype) for k, v in meta["lr"].items()
+    }
+    meta["bn"] = {
+        k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        for k, v in meta["bn"].items()
+    }
+    ref = ref_meta_grad(
+        meta,
+        batch,
+        steps,
+        lr=lambda leaves, k, n: leaves[f"lr.{n}"][k],
+        bn=lambda leaves, k: {
+            n[len("bn.") :]: v[k] for n, v in leaves.items() if n.startswith("bn.")
+        },
+        weights=msl_weights(steps, iteration, 100).tolist(),
+    )
+    return meta, ref
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap", "threads"])
@@ -260,25 +290,7 @@ def test_maml_plus_plus_with_batch_norm(gen, batch, strategy, iteration):
     alg = MAMLPlusPlus(
         conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, msl_iterations=100, strategy=strategy
     )
-    meta = alg.init(gen, dtype=torch.float64)
-    meta["lr"] = {
-        k: v * torch.tensor([1.0, 0.7, 1.3], dtype=v.dtype) for k, v in meta["lr"].items()
-    }
-    meta["bn"] = {
-        k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-        for k, v in meta["bn"].items()
-    }
-    weights = msl_weights(steps, iteration, 100).tolist()
-    ref = ref_meta_grad(
-        meta,
-        batch,
-        steps,
-        lr=lambda leaves, k, n: leaves[f"lr.{n}"][k],
-        bn=lambda leaves, k: {
-            n[len("bn.") :]: v[k] for n, v in leaves.items() if n.startswith("bn.")
-        },
-        weights=weights,
-    )
+    meta, ref = mamlpp_case(alg, gen, batch, iteration)
     grads, _, _ = alg.meta_grad(meta, batch, iteration=iteration)
     flat = tree.flatten_with_paths(grads)
     assert set(flat) == set(ref)

@@ -48,9 +48,10 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
 
 
-def _faults(mode: str) -> float:
+def _faults(mode: str, script: str = _FAULTS) -> float:
+    """The minor page faults a round that ``script`` prints, run in a child with ``mode``."""
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS, mode],
+        [sys.executable, "-c", script, mode],
         capture_output=True,
         text=True,
         check=True,
@@ -110,14 +111,7 @@ _CHURN = textwrap.dedent(
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
 def test_tuned_allocator_keeps_the_freed_top_of_the_heap() -> None:
-    def faults(mode: str) -> float:
-        out = subprocess.run(
-            [sys.executable, "-c", _CHURN, mode],
-            capture_output=True, text=True, check=True, env=_clean_env(), timeout=120,
-        )  # fmt: skip
-        return float(out.stdout.strip().splitlines()[-1])
-
-    default, tuned = faults("default"), faults("tuned")
+    default, tuned = _faults("default", _CHURN), _faults("tuned", _CHURN)
     # measured on this project's VM: 25,286 faults a round by default (4 KiB pages), 0 tuned;
     # transparent huge pages would make each fault 2 MiB, about 50 a round
     if default < 20:

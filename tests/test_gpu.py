@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from test_algorithms import LR, ref_meta_grad
+from test_algorithms import LR, distinct_rates, mamlpp_case, ref_meta_grad
 from test_algorithms_extra import class_tasks, ref_imaml_grad, ref_protonet_loss, ref_reptile_params
 from test_algorithms_extra import sine_tasks as sine_tasks_cpu
 
@@ -30,7 +30,6 @@ from metafunc.algorithms import (
     ProtoNet,
     Reptile,
 )
-from metafunc.algorithms.mamlpp import msl_weights
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STRATEGIES = ["auto", "chunked", "loop"]
@@ -52,12 +51,8 @@ def rel(a, b) -> float:  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def images(gen) -> TaskBatch:  # type: ignore[no-untyped-def]
-    """3 tasks, 3-way 2-shot, 28x28 grey images, float64, on the CPU."""
-    tasks, ways, shots = 3, 3, 2
-    x = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
-    y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).clone()
-    q = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
-    return TaskBatch(x, y, q, y)
+    """3 tasks, 3-way 2-shot, 2 queries per class, 28x28 grey images, float64, on the CPU."""
+    return class_tasks(gen, tasks=3, ways=3, shots=2, queries=2, shuffle=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,10 +69,7 @@ def test_maml_family_matches_the_per_task_reference(gen, images, device, strateg
     lr = lambda leaves, k, n: LR  # noqa: E731
     keys = None
     if name == "metasgd":
-        meta["lr"] = {
-            k: v * (1 + 0.5 * torch.rand(v.shape, generator=gen, dtype=v.dtype))
-            for k, v in meta["lr"].items()
-        }
+        meta["lr"] = distinct_rates(meta["lr"], gen)
         lr = lambda leaves, k, n: leaves[f"lr.{n}"]  # noqa: E731
     if name == "anil":
         keys = ["head.weight", "head.bias"]
@@ -92,24 +84,9 @@ def test_maml_family_matches_the_per_task_reference(gen, images, device, strateg
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_maml_plus_plus_matches_the_reference_with_per_step_batch_norm(gen, images, device):
-    steps, iteration = 3, 20
-    alg = MAMLPlusPlus(conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, msl_iterations=100)
-    meta = alg.init(gen, dtype=torch.float64)
-    meta["lr"] = {
-        k: v * torch.tensor([1.0, 0.7, 1.3], dtype=v.dtype) for k, v in meta["lr"].items()
-    }
-    meta["bn"] = {
-        k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-        for k, v in meta["bn"].items()
-    }
-    ref = ref_meta_grad(
-        meta, images, steps,
-        lr=lambda leaves, k, n: leaves[f"lr.{n}"][k],
-        bn=lambda leaves, k: {
-            n[len("bn.") :]: v[k] for n, v in leaves.items() if n.startswith("bn.")
-        },
-        weights=msl_weights(steps, iteration, 100).tolist(),
-    )  # fmt: skip
+    iteration = 20
+    alg = MAMLPlusPlus(conv4(3, hidden=6), inner_lr=LR, inner_steps=3, msl_iterations=100)
+    meta, ref = mamlpp_case(alg, gen, images, iteration)
     grads, _, _ = alg.meta_grad(to(device, meta), to(device, images), iteration=iteration)
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
 
