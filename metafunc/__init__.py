@@ -5,26 +5,30 @@ Models are pure functions over parameter pytrees, inner loops are differentiable
 one task-parallel switch (``vmap``, chunked ``vmap``, a loop, or the loop on CPU threads).
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
 from metafunc import models, optim, tree
 from metafunc.cpu import tune_cpu_allocator
-from metafunc.data.batch import TaskBatch
-from metafunc.inner import STRATEGIES, adapt, check_strategies, default_strategy, task_map
+from metafunc.data.batch import TaskBatch, check_batch
+from metafunc.inner import adapt
 from metafunc.models import Model, conv4, from_module, mlp, resnet12
+from metafunc.strategies import (
+    RANDOMNESS,
+    STRATEGIES,
+    check_strategies,
+    default_strategy,
+    task_map,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RANDOMNESS",
     "STRATEGIES",
     "Model",
     "TaskBatch",
     "__version__",
     "adapt",
     "algorithms",
+    "check_batch",
     "check_strategies",
     "conv4",
     "data",
@@ -41,9 +45,17 @@ __all__ = [
     "tune_cpu_allocator",
 ]
 
+_LAZY = ("algorithms", "data", "distributed", "harness")
 
-def __getattr__(name: str) -> Any:
+
+def __getattr__(name: str) -> object:
     # Submodules with heavier imports load on first use, keeping `import metafunc` light.
-    if name in ("algorithms", "data", "distributed", "harness"):
+    if name in _LAZY:
+        import importlib
+
         return importlib.import_module(f"metafunc.{name}")
     raise AttributeError(f"module 'metafunc' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -28,6 +28,7 @@ __all__ = [
     "cast",
     "combine",
     "detach",
+    "device_of",
     "flatten_with_paths",
     "global_norm",
     "leaves",
@@ -81,6 +82,12 @@ def paths(tree: PyTree) -> list[str]:
     return [_path_str(p) for p in optree.tree_paths(tree)]
 
 
+def device_of(tree: PyTree) -> torch.device:
+    """The device of ``tree``'s first leaf (the CPU for a tree without leaves)."""
+    found = optree.tree_leaves(tree)
+    return found[0].device if found else torch.device("cpu")
+
+
 def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
     """A flat ``{dotted_path: leaf}`` dict (the layout of a ``state_dict`` or safetensors file)."""
     path_list, leaf_list, _ = optree.tree_flatten_with_path(tree)
@@ -103,10 +110,14 @@ def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
 _CONTAINERS = (dict, OrderedDict, defaultdict, list, tuple)
 
 
+class _Field(str):
+    """A NamedTuple field in a validation path: written ``.field``, not ``[index]``."""
+
+
 def _format_path(name: str, path: Sequence[Any]) -> str:
     out = name
     for key in path:
-        out += f"[{key!r}]"
+        out += f".{key}" if isinstance(key, _Field) else f"[{key!r}]"
     return out
 
 
@@ -137,6 +148,8 @@ def validate(
         ValueError: leaves on different devices, or an empty tree.
     """
     if torch.compiler.is_compiling():  # checked eagerly at the compiled function's boundary
+        return
+    if _fast_valid(tree, floating=floating, device=device):
         return
     seen_device: list[tuple[str, torch.device]] = []
 
@@ -173,8 +186,9 @@ def validate(
                 walk(value, (*path, key))
             return
         if isinstance(node, _CONTAINERS):  # list, tuple and NamedTuple
+            fields = getattr(node, "_fields", None)
             for i, value in enumerate(node):
-                walk(value, (*path, i))
+                walk(value, (*path, i if fields is None else _Field(fields[i])))
             return
         raise TypeError(
             f"{call}: {where} is a {type(node).__qualname__}; torch.func only sees dict, list, "
@@ -184,6 +198,30 @@ def validate(
     walk(tree, ())
     if floating and not optree.tree_leaves(tree):
         raise ValueError(f"{call}: {name} has no tensor leaves; there is nothing to differentiate.")
+    if len(_VALID_SPECS) < 1024:
+        _VALID_SPECS.add(optree.tree_structure(tree, none_is_leaf=True))
+
+
+# structures a full walk of validate has accepted: a tree of one of them needs only its leaves
+# checked (validate runs at every entry point, on the hot path)
+_VALID_SPECS: set[PyTreeSpec] = set()
+
+
+def _fast_valid(tree: PyTree, *, floating: bool, device: bool) -> bool:
+    """Whether ``tree`` passes :func:`validate` for certain without the walk: its structure was
+    accepted before and its leaves are tensors (floating ones, on one device, as asked)."""
+    found, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    if not found or spec not in _VALID_SPECS:
+        return False
+    first = found[0].device if isinstance(found[0], torch.Tensor) else None
+    for leaf in found:
+        if not isinstance(leaf, torch.Tensor):
+            return False
+        if floating and not (leaf.is_floating_point() or leaf.is_complex()):
+            return False
+        if device and leaf.device != first:
+            return False
+    return True
 
 
 #: Whether dynamo traces ``PyTreeSpec.__eq__``: torch 2.11 cannot ("Polyfill handler ... does

@@ -100,7 +100,7 @@ def _two_intra_op_threads(intra_op_threads):
 PER_TASK = [("loop", True), ("loop", False), ("vmap", True), ("threads", True), ("threads", False)]
 
 
-def takes_shared_path(alg, meta, monkeypatch, expected):
+def takes_shared_path(alg, meta, batch, monkeypatch, expected):
     """Count the calls of MAML's shared-first-step path, and check it is taken as expected."""
     calls = []
     original = MAML._meta_grad_shared_first
@@ -123,7 +123,7 @@ def test_maml_and_first_order(gen, batch, strategy, shared, cls, steps, monkeypa
         shared_first_step=shared,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
-    calls = takes_shared_path(alg, meta, monkeypatch, shared and strategy != "vmap")
+    calls = takes_shared_path(alg, meta, batch, monkeypatch, shared and strategy != "vmap")
     ref = ref_meta_grad(
         meta, batch, steps, lr=lambda leaves, k, n: LR, first_order=cls is FirstOrderMAML
     )
@@ -141,7 +141,7 @@ def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, steps, 
         trainable="head", shared_first_step=True,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
-    calls = takes_shared_path(alg, meta, monkeypatch, True)
+    calls = takes_shared_path(alg, meta, batch, monkeypatch, True)
     ref = ref_meta_grad(
         meta, batch, steps, lr=lambda leaves, k, n: LR, adapt_keys=["head.weight", "head.bias"]
     )
@@ -534,3 +534,30 @@ def test_tune_strategy_rejects_bad_arguments(gen, batch, kwargs, error, message)
         tune_strategy("maml", meta, batch)  # type: ignore[type-var]
     with pytest.raises(TypeError, match="algorithm is the class MAML, not an instance"):
         tune_strategy(MAML, meta, batch)  # type: ignore[type-var]
+
+
+def test_tune_strategy_times_any_per_task_function(gen, batch):
+    """Given a per-task function, tune_strategy returns its fastest task_map; every candidate
+    computes the same gradient."""
+    from metafunc.algorithms import tune_strategy
+
+    model = conv4(3, hidden=6)
+    params = model.init(gen, dtype=torch.float64)
+
+    def task_loss(p, task):
+        return F.cross_entropy(model.apply(p, task.query_x), task.query_y)
+
+    mapped, times = tune_strategy(task_loss, params, batch, repeats=1)
+    assert list(times) == ["loop", "vmap", "threads"]
+    assert all(isinstance(t, float) and t > 0 for t in times.values())
+    grads = torch.func.grad(lambda p: mapped(p, batch).mean())(params)
+    loop = torch.func.grad(lambda p: task_map_loop(task_loss)(p, batch).mean())(params)
+    assert tree.allclose(grads, loop, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="or a per-task function"):
+        tune_strategy(MAML, params, batch)
+
+
+def task_map_loop(fn):
+    from metafunc import task_map
+
+    return task_map(fn, strategy="loop")

@@ -313,7 +313,7 @@ def test_auto_strategy_is_measured_skips_what_does_not_fit_and_is_recorded(
 
 
 def test_auto_strategy_candidates_per_device():
-    from metafunc.inner import strategy_candidates
+    from metafunc.strategies import strategy_candidates
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert strategy_candidates(cpu, 1, 16) == [("loop", None), ("vmap", None)]

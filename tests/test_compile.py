@@ -52,7 +52,7 @@ def test_compiled_loop_runs_one_task_graph_for_any_meta_batch(gen):
     batch = TaskBatch(x, y, q, y)
     alg = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1, strategy="loop")
     meta = alg.init(gen, dtype=torch.float64)
-    assert alg.tasks_per_graph(tasks, torch.device("cpu")) == 1
+    assert alg.tasks_per_graph(batch, torch.device("cpu")) == 1
     torch._dynamo.reset()
     counters.clear()
     compiled = alg.compiled_meta_grad(backend="aot_eager")
@@ -68,7 +68,7 @@ def test_compiled_loop_runs_one_task_graph_for_any_meta_batch(gen):
     assert float(metrics["accuracy"]) == pytest.approx(float(eager_metrics["accuracy"]))
     chunked = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1, strategy="chunked",
                    chunk_size=2)  # fmt: skip
-    assert chunked.tasks_per_graph(tasks, torch.device("cpu")) == 2  # pieces of 2, 2 and 1
+    assert chunked.tasks_per_graph(batch, torch.device("cpu")) == 2  # pieces of 2, 2 and 1
     grads, _, _ = chunked.compiled_meta_grad(backend="aot_eager")(meta, batch)
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
 

@@ -21,8 +21,10 @@ from metafunc import (
     task_map,
     tree,
 )
+from metafunc._threads import run_tasks
 from metafunc.algorithms import MAML
-from metafunc.inner import grad_with_aux, run_tasks, task_workers
+from metafunc.inner import grad_with_aux
+from metafunc.strategies import task_workers
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},
@@ -394,10 +396,13 @@ def test_task_axes_of_different_sizes(gen):
         torch.zeros(4, 3, 1), torch.zeros(4, 3, 1), torch.zeros(5, 3, 1), torch.zeros(4, 3, 1)
     )
     mapped = task_map(lambda p, t: t.query_x.sum())
-    with pytest.raises(
-        ValueError, match=r"args\[1\]\['0'\] has 4 tasks but args\[1\]\['2'\] has 5"
-    ):
+    with pytest.raises(ValueError, match=r"args\[1\]\.query_x 5"):
         mapped(mlp().init(gen), batch)
+    other = {"x": torch.zeros(4, 2), "y": [torch.zeros(5, 2)]}  # a plain tree: paths by key
+    with pytest.raises(
+        ValueError, match=r"args\[1\]\['x'\] has 4 tasks but args\[1\]\['y'\]\[0\] has 5"
+    ):
+        task_map(lambda p, t: t["x"].sum())(mlp().init(gen), other)
 
 
 def test_task_map_bad_arguments(gen):

@@ -382,7 +382,7 @@ def test_validate_names_the_path_of_a_non_tensor_leaf(bad: Any, what: str) -> No
 
 def test_validate_names_paths_inside_lists_and_namedtuples() -> None:
     tree = {"a": [torch.zeros(1), Pair(torch.zeros(1), None)]}  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match=re.escape("grads['a'][1][1] is None")):
+    with pytest.raises(TypeError, match=re.escape("grads['a'][1].second is None")):
         mt.validate(tree, call="f()", name="grads")
 
 

@@ -1,48 +1,40 @@
-"""What every meta-learning algorithm shares: losses, metrics, the meta-gradient and evaluation.
-
-An algorithm is a frozen dataclass built from a model, a loss and hyper-parameters, with
-
-- ``init(generator, *, dtype, device) -> meta_params``: a tree of tensors (what is meta-learned);
-- ``meta_loss(meta_params, batch, *, iteration=0) -> (loss, metrics)``: pure and differentiable,
-  a mean over the batch's tasks (``meta_grad`` may differentiate it a piece of tasks at a time:
-  see ``Algorithm.tasks_per_graph``);
-- ``meta_grad(meta_params, batch, *, iteration=0) -> (grads, loss, metrics)``: what the outer
-  loop applies (by default the gradient of ``meta_loss``; Reptile and iMAML give their own);
-- ``adapt_and_predict(meta_params, batch, steps) -> [tasks, steps + 1, query, ...]``:
-  query predictions after 0, 1, ..., ``steps`` inner steps, from one adaptation pass;
-- ``outer_optimizer(lr, iterations)``: the outer optimizer the paper used.
-
-Tasks always go through :func:`metafunc.task_map` (and the gradient through pieces of the size
-the strategy maps at once); no algorithm loops over single tasks in its own code.
-"""
+"""What every meta-learning algorithm shares: the contract, input checks, losses, metrics, the
+meta-gradient and evaluation (the contract is :class:`Algorithm`'s docstring)."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import statistics
+import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from metafunc import tree as mt
-from metafunc.data.batch import TaskBatch
-from metafunc.inner import (
-    STRATEGIES,
-    _device,
-    grad_with_aux,
-    run_tasks,
-    strategy_candidates,
-    strategy_label,
-    task_workers,
-    tasks_at_once,
-)
+from metafunc._random import check_randomness
+from metafunc._threads import on_worker, run_tasks
+from metafunc.data.batch import TaskBatch, check_batch
+from metafunc.inner import grad_with_aux
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
+from metafunc.strategies import (
+    STRATEGIES,
+    mapper,
+    seeded,
+    strategy_candidates,
+    strategy_label,
+    task_map,
+    task_workers,
+    tasks_at_once,
+    uses_convolutions,
+)
 
 __all__ = [
     "COMPILE_MODES",
@@ -95,13 +87,44 @@ def evaluate_predictions(
     return {"loss": loss}
 
 
-def check_common(name: str, *, loss: str, strategy: str, chunk_size: int | None) -> None:
+def check_model(name: str, model: object) -> None:
+    """``model`` is a :class:`metafunc.Model`; an ``nn.Module`` is named with the fix."""
+    if isinstance(model, Model):
+        return
+    if isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name}(model): got a torch.nn.Module ({type(model).__name__}); algorithms take a "
+            "metafunc.Model, a pair of pure functions over a parameter tree. Wrap it: "
+            f"{name}(metafunc.from_module(module), ...)."
+        )
+    raise TypeError(
+        f"{name}(model): got a {type(model).__qualname__}; pass a metafunc.Model, e.g. "
+        "metafunc.conv4(5), metafunc.mlp() or metafunc.from_module(module)."
+    )
+
+
+def check_common(
+    name: str,
+    *,
+    model: object,
+    loss: str,
+    strategy: str,
+    chunk_size: int | None,
+    randomness: str,
+) -> None:
+    """The checks of every algorithm's constructor: the model, the loss and the task-parallel
+    switch (``strategy``, ``chunk_size``, ``randomness``)."""
+    check_model(name, model)
     if loss not in LOSSES:
-        raise ValueError(f"{name}(loss): {loss!r} is not one of {LOSSES}.")
+        raise ValueError(
+            f"{name}(loss): {loss!r} is not one of {LOSSES}: 'cross_entropy' for class labels, "
+            "'mse' for real-valued targets."
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"{name}(strategy): {strategy!r} is not one of {STRATEGIES}.")
-    if chunk_size is not None and chunk_size < 1:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"{name}(chunk_size): must be >= 1 or None, got {chunk_size!r}.")
+    check_randomness(f"{name}(randomness)", randomness)
 
 
 def check_lr(name: str, arg: str, value: float) -> None:
@@ -154,19 +177,28 @@ def weighted_sum(parts: Iterable[tuple[float, Any]]) -> Any:
 
 
 def mean_over_pieces(
-    fn: Callable[[TaskBatch], Result], batch: TaskBatch, size: int, workers: int = 1
+    fn: Callable[[TaskBatch], Result],
+    batch: TaskBatch,
+    size: int,
+    workers: int = 1,
+    *,
+    randomness: str = "different",
+    call: str = "meta_grad",
 ) -> Result:
     """``fn(batch)`` for ``fn(batch) -> (grads, loss, metrics)`` that averages over tasks,
     computed on pieces of ``size`` tasks and averaged by task count (:func:`weighted_sum`): the
     same value, with one piece's graph alive at a time, or ``workers`` pieces at once on CPU
-    threads (:func:`metafunc.inner.run_tasks`)."""
+    threads (:func:`metafunc._threads.run_tasks`). Each piece draws from a random stream of its
+    own (:func:`metafunc.strategies.seeded`), so the result does not depend on which thread ran
+    it."""
     tasks = batch.num_tasks
     if size >= tasks:
         return fn(batch)
     pieces = [
         TaskBatch(*(f[start : start + size] for f in batch)) for start in range(0, tasks, size)
     ]
-    results = run_tasks([functools.partial(fn, piece) for piece in pieces], workers)
+    calls = seeded([functools.partial(fn, piece) for piece in pieces], randomness, call)
+    results = run_tasks(calls, workers)
     weights = [piece.num_tasks / tasks for piece in pieces]
     return cast(Result, weighted_sum(zip(weights, results, strict=True)))
 
@@ -181,17 +213,103 @@ def _static(batch: TaskBatch) -> TaskBatch:
     return batch
 
 
+_ENTRY = threading.local()  # .depth: public entry points open on this thread
+_CONVOLUTIONAL: dict[Any, bool] = {}  # Algorithm.convolutional, by model and input shape
+_ENTRY_POINTS = ("meta_loss", "meta_grad", "adapt_and_predict", "evaluate")
+
+
+def _entry_point(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method(self, meta_params, batch, ...)`` with :meth:`Algorithm.check_inputs` run first
+    when it is the outermost entry point on this thread (not when one entry point calls another,
+    on a worker thread running a piece of a checked batch, or while ``torch.compile`` traces)."""
+    if getattr(method, "_entry_point", False):
+        return method
+
+    @functools.wraps(method)
+    def checked(self: Algorithm, meta_params: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_ENTRY, "depth", 0) or on_worker() or torch.compiler.is_compiling():
+            return method(self, meta_params, batch, *args, **kwargs)
+        self.check_inputs(f"{type(self).__name__}.{method.__name__}", meta_params, batch)
+        _ENTRY.depth = 1
+        try:
+            return method(self, meta_params, batch, *args, **kwargs)
+        finally:
+            _ENTRY.depth = 0
+
+    checked._entry_point = True  # type: ignore[attr-defined]
+    return checked
+
+
 class Algorithm:
-    """Base class: subclasses define ``init``, ``meta_loss`` and ``adapt_and_predict``."""
+    """The base of every algorithm: what a subclass defines, and what it gets.
+
+    An algorithm is a frozen dataclass built from a model, a loss and hyper-parameters; the README's
+    CAVIA example (``tests/test_readme.py`` runs it) is a complete one in 30 lines.
+
+    **A subclass defines**
+
+    - ``model: metafunc.Model`` (a field; an ``nn.Module`` is refused with the fix,
+      :func:`metafunc.from_module`) and ``loss``: ``'cross_entropy'`` (class labels, int64 in
+      ``[0, ways)``) or ``'mse'`` (floating targets);
+    - ``meta_loss(meta_params, batch, *, iteration=0) -> (loss, metrics)``: a scalar loss,
+      differentiable with respect to ``meta_params``, the mean over the batch's tasks; ``metrics``
+      a dict of detached scalars (``'loss'``; ``'accuracy'`` for classification);
+    - ``adapt_and_predict(meta_params, batch, steps) -> Tensor [tasks, steps + 1, query, ...]``:
+      each task's query predictions after 0, 1, ..., ``steps`` inner steps (logits for
+      classification, values for regression), from one adaptation pass;
+    - optionally ``init`` (by default ``{'params': model.init(...)}``), ``meta_grad`` (by
+      default the gradient of ``meta_loss``; Reptile and iMAML give their own),
+      ``outer_optimizer``, ``num_classes``, and the task-parallel fields ``strategy``
+      (default ``'vmap'`` here, ``'auto'`` in metafunc's algorithms), ``chunk_size`` and
+      ``randomness`` (``'different'``).
+
+    **It gets**
+
+    - ``meta_grad(meta_params, batch, *, iteration=0) -> (grads, loss, metrics)``: what the outer
+      loop applies, ``grads`` shaped like ``meta_params``;
+    - ``evaluate(meta_params, batch, steps, *, training=False) -> {'loss': [tasks, steps + 1],
+      'accuracy': ...}``: ``loss`` applied to ``adapt_and_predict``'s predictions against
+      ``batch.query_y``, without an outer graph, the model in inference mode (dropout off;
+      batch norm with each task's own batch statistics, the transductive protocol of MAML and
+      its successors, as no algorithm here carries running statistics);
+    - input checks at every entry point (``meta_loss``, ``meta_grad``, ``adapt_and_predict``,
+      ``evaluate``, its own overrides included): ``meta_params`` a tree of floating tensors
+      (:func:`metafunc.tree.validate`) and ``batch`` a well-formed meta-batch
+      (:func:`metafunc.check_batch`: one task count in every field, a task axis, matching shapes,
+      int64 labels in ``[0, num_classes)`` for classification, floating targets for regression),
+      each error naming the call, the field and the fix;
+    - :meth:`map_tasks`: :func:`metafunc.task_map` with the algorithm's ``strategy``,
+      ``chunk_size`` and ``randomness``; ``outer_optimizer`` (Adam) and ``outer_schedule``.
+
+    Tasks always go through :func:`metafunc.task_map` (and the gradient through pieces of the
+    size the strategy maps at once); no algorithm loops over single tasks in its own code.
+    """
 
     model: Model
     loss: str = "cross_entropy"
-    # the task-parallel switch every algorithm of this package has as dataclass fields
-    # (annotations only: a subclass without them maps its tasks as 'vmap')
-    strategy: str
-    chunk_size: int | None
+    # the task-parallel switch: dataclass fields in every algorithm of this package; a subclass
+    # without them maps its tasks (and differentiates its meta-loss) all at once
+    strategy: str = "vmap"
+    chunk_size: int | None = None
+    randomness: str = "different"
     # why compiled_meta_grad cannot trace meta_grad whole ("" where it can)
     not_compilable: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _ENTRY_POINTS:
+            if name in cls.__dict__:
+                setattr(cls, name, _entry_point(cls.__dict__[name]))
+
+    def __post_init__(self) -> None:
+        check_common(
+            type(self).__name__,
+            model=self.model,
+            loss=self.loss,
+            strategy=self.strategy,
+            chunk_size=self.chunk_size,
+            randomness=self.randomness,
+        )
 
     def init(
         self,
@@ -203,6 +321,30 @@ class Algorithm:
         """``{'params': model.init(...)}``; algorithms that meta-learn more extend it."""
         return {"params": self.model.init(generator, dtype=dtype, device=device)}
 
+    # -- inputs ------------------------------------------------------------------------------
+
+    def num_classes(self, meta_params: Any, batch: TaskBatch) -> int | None:
+        """How many classes a task of ``batch`` has, for the label check (``None``: unknown):
+        by default the rows of the model head's weight, ``meta_params['params'][head +
+        '.weight']``."""
+        head = self.model.head
+        params = meta_params.get("params") if isinstance(meta_params, dict) else None
+        weight = params.get(f"{head}.weight") if head and isinstance(params, dict) else None
+        return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() else None
+
+    def check_inputs(self, call: str, meta_params: Any, batch: Any) -> None:
+        """What every entry point checks: ``meta_params`` a tree of floating tensors on one
+        device and ``batch`` a meta-batch fit for ``loss`` (:func:`metafunc.check_batch`)."""
+        mt.validate(meta_params, call=f"{call}(meta_params, batch)", name="meta_params")
+        check_batch(
+            batch,
+            call=f"{call}(meta_params, batch)",
+            targets={"cross_entropy": "classes", "mse": "values"}.get(self.loss),  # type: ignore[arg-type]
+            ways=lambda: self.num_classes(meta_params, batch),
+        )
+
+    # -- one task, and the map over tasks ----------------------------------------------------
+
     def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
         return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)
 
@@ -210,14 +352,35 @@ class Algorithm:
         """The query pass: ``model.apply`` on the query images."""
         return self.model.apply(params, task.query_x)
 
+    def map_tasks(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``task_map(fn)`` with this algorithm's ``strategy``, ``chunk_size`` and
+        ``randomness``: ``fn(meta_params, task)`` over the tasks of a batch."""
+        return mapper(
+            fn,
+            strategy=self.strategy,
+            chunk_size=self.chunk_size,
+            in_dims=(None, 0),
+            randomness=self.randomness,
+            check_batches=False,  # checked at the entry point
+        )
+
+    # -- the meta-batch ----------------------------------------------------------------------
+
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}.meta_loss: a subclass of Algorithm defines meta_loss "
+            "(see the Algorithm docstring)."
+        )
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__}.adapt_and_predict: a subclass of Algorithm defines "
+            "adapt_and_predict (see the Algorithm docstring)."
+        )
 
+    @_entry_point
     def meta_grad(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
@@ -225,18 +388,11 @@ class Algorithm:
 
         Inside a ``torch.func`` transform (or when a leaf already requires grad) by
         ``torch.func.grad``, so it composes; at the top level by ``torch.autograd.grad`` on
-        detached copies of the leaves, the same gradient with one autograd level fewer (about
-        15% faster and a third less memory for a conv4 MAML step on the CPU). The meta-loss
-        is a mean over tasks, so it is differentiated :meth:`tasks_per_graph` tasks at a time
-        and averaged: on the loop strategy one task's graph is alive at a time (a sixth of the
-        memory of a whole-batch backward for conv4 5-way 1-shot at meta-batch 32, same speed);
-        on ``'threads'`` one per worker thread, the tasks' gradients computed concurrently.
+        detached copies of the leaves, the same gradient with one autograd level fewer. The
+        meta-loss is a mean over tasks, so it is differentiated :meth:`tasks_per_graph` tasks at
+        a time and averaged: on the loop strategy one task's graph is alive at a time; on
+        ``'threads'`` one per worker thread, the tasks' gradients computed concurrently.
         """
-        mt.validate(
-            meta_params,
-            call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
-            name="meta_params",
-        )
         return self._by_pieces(
             lambda piece: gradient(
                 lambda mp: self.meta_loss(mp, piece, iteration=iteration), meta_params
@@ -277,22 +433,24 @@ class Algorithm:
                 f"{call}: {type(self).__name__} cannot be compiled whole yet "
                 f"({self.not_compilable}); use meta_grad."
             )
-        if getattr(self, "checkpoint", False):
+        if getattr(self, "checkpoint", False):  # MAML's field
             raise ValueError(
                 f"{type(self).__name__}.compiled_meta_grad(): checkpoint=True recomputes inner "
                 "steps in a Python sweep that a compiled graph would keep whole; use one or the "
                 "other (checkpoint=False to compile)."
             )
+        # the method itself, not its input-checking wrapper (whose one code object every class
+        # shares, so its compiled variants would pile up against dynamo's recompile limit)
+        method = type(self).meta_grad
         compiled = torch.compile(
-            self.meta_grad, backend=backend, fullgraph=True,
-            mode=mode if backend == "inductor" else None,
+            types.MethodType(getattr(method, "__wrapped__", method), self), backend=backend,
+            fullgraph=True, mode=mode if backend == "inductor" else None,
         )  # fmt: skip
 
         def meta_grad(
             meta_params: Any, batch: TaskBatch, *, iteration: int = 0
         ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-            mt.validate(meta_params, call=call.replace("(mode)", "()(meta_params, batch)"),
-                        name="meta_params")  # fmt: skip
+            self.check_inputs(call.replace("(mode)", "()"), meta_params, batch)
             return self._by_pieces(
                 lambda piece: compiled(meta_params, _static(piece), iteration=iteration),
                 meta_params,
@@ -302,14 +460,36 @@ class Algorithm:
 
         return meta_grad
 
-    def tasks_per_graph(self, tasks: int, device: torch.device) -> int:
-        """How many of ``tasks`` one gradient graph covers: what the strategy maps at once (one
-        task for ``'loop'`` and ``'threads'``, ``chunk_size`` for ``'chunked'``, all for
-        ``'vmap'``, and all for an algorithm without a ``strategy`` field). An algorithm whose
+    def tasks_per_graph(self, batch: TaskBatch, device: torch.device) -> int:
+        """How many of ``batch``'s tasks one gradient graph covers: what the strategy maps at
+        once (one task for ``'loop'`` and ``'threads'``, ``chunk_size`` for ``'chunked'``, all
+        for ``'vmap'``; ``'auto'`` by the device and the tasks' size). An algorithm whose
         meta-loss is not a mean of per-task terms (one that couples tasks) overrides this to
-        return ``tasks``."""
-        strategy = getattr(self, "strategy", "vmap")
-        return tasks_at_once(strategy, getattr(self, "chunk_size", None), tasks, device)
+        return ``batch.num_tasks``."""
+        return tasks_at_once(
+            self.strategy,
+            self.chunk_size,
+            batch.num_tasks,
+            device,
+            convolutional=self.convolutional(batch),
+        )
+
+    def convolutional(self, batch: TaskBatch) -> bool:
+        """Whether the model convolves inputs shaped like ``batch``'s (what ``'auto'`` decides
+        by on the CPU, :func:`metafunc.default_strategy`): found once per model and input shape
+        by running it on one task's support inputs; only asked for ``strategy='auto'`` on the
+        CPU."""
+        x = batch.support_x
+        if self.strategy != "auto" or x.device.type != "cpu" or x.dim() < 2:
+            return True
+        key = (self.model.apply, tuple(x.shape[2:]), x.dtype)
+        found = _CONVOLUTIONAL.get(key)
+        if found is None:
+            if len(_CONVOLUTIONAL) > 256:
+                _CONVOLUTIONAL.clear()
+            params = self.model.init(dtype=x.dtype)
+            found = _CONVOLUTIONAL[key] = uses_convolutions(self.model.apply, params, x[0])
+        return found
 
     def _by_pieces(
         self,
@@ -320,20 +500,41 @@ class Algorithm:
         concurrent: bool = True,
     ) -> Result:
         """:func:`mean_over_pieces` in pieces of :meth:`tasks_per_graph` tasks, as many at once
-        as the strategy runs (:func:`metafunc.inner.task_workers`) when ``concurrent``."""
-        device = mt.leaves(meta_params)[0].device
-        size = self.tasks_per_graph(batch.num_tasks, device)
-        workers = task_workers(getattr(self, "strategy", "vmap"), device) if concurrent else 1
-        return mean_over_pieces(fn, batch, size, workers)
+        as the strategy runs (:func:`metafunc.strategies.task_workers`) when ``concurrent``."""
+        device = mt.device_of(meta_params)
+        size = self.tasks_per_graph(batch, device)
+        convolutional = self.convolutional(batch)
+        workers = task_workers(self.strategy, device, convolutional=convolutional)
+        workers = workers if concurrent else 1
+        call = f"{type(self).__name__}.meta_grad(meta_params, batch)"
+        return mean_over_pieces(fn, batch, size, workers, randomness=self.randomness, call=call)
 
-    def evaluate(self, meta_params: Any, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
-        """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``.
+    @_entry_point
+    def evaluate(
+        self, meta_params: Any, batch: TaskBatch, steps: int, *, training: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """Per-task metrics after 0..``steps`` inner steps: ``{'loss': [tasks, steps + 1], ...}``
+        (``'accuracy'`` too for classification), ``loss`` applied to :meth:`adapt_and_predict`'s
+        predictions against ``batch.query_y``.
 
-        Runs without building a graph for the outer loop (inner gradients still flow).
+        Runs without building a graph for the outer loop (inner gradients still flow), with the
+        model in inference mode (:meth:`metafunc.Model.inference`: dropout off; batch norm with
+        each task's batch statistics, the transductive protocol of MAML and its successors).
+        ``training=True`` evaluates with the model as it trains instead (dropout on).
         """
+        alg = self if training else self.for_inference()
         with torch.no_grad():
-            preds = self.adapt_and_predict(meta_params, batch, steps)
+            preds = alg.adapt_and_predict(meta_params, batch, steps)
         return evaluate_predictions(self.loss, preds, batch.query_y)
+
+    def for_inference(self) -> Algorithm:
+        """This algorithm with its model in inference mode (``dataclasses.replace`` of the
+        ``model`` field with :meth:`metafunc.Model.inference`); itself where it has no such
+        field."""
+        names = {f.name for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else ()
+        if "model" not in names:
+            return self
+        return dataclasses.replace(self, model=self.model.inference())  # type: ignore[type-var]
 
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
         """The paper's outer optimizer: Adam at ``lr`` unless the algorithm says otherwise."""
@@ -365,7 +566,8 @@ def tune_strategy(
     step: Callable[[A, Any, Any], Any] | None = None,
 ) -> tuple[A, dict[str, float | str]]:
     """``algorithm`` with the task-parallel strategy that runs ``step`` fastest on this machine,
-    and what each candidate measured.
+    and what each candidate measured; or, for a per-task function, its fastest
+    :func:`metafunc.task_map`.
 
     ``strategy='auto'`` is a rule by device (:func:`metafunc.default_strategy`); which strategy
     wins depends on the machine, the model and the task size (on one 2-core VM the CPU threads
@@ -382,20 +584,24 @@ def tune_strategy(
 
     Args:
         algorithm: an algorithm instance with ``strategy`` and ``chunk_size`` fields (all of
-            :mod:`metafunc.algorithms`).
+            :mod:`metafunc.algorithms`), or a per-task function ``fn(meta_params, task)`` as
+            :func:`metafunc.task_map` takes it.
         meta_params, batch: the work to time, e.g. ``algorithm.init(...)`` and one meta-batch
             (a :class:`metafunc.TaskBatch`) already on the device.
         candidates: ``(strategy, chunk_size)`` pairs, the chunk size an int for ``'chunked'``
-            and ``None`` otherwise; by default :func:`metafunc.inner.strategy_candidates` for
+            and ``None`` otherwise; by default :func:`metafunc.strategies.strategy_candidates` for
             the device of ``meta_params``, ``torch.get_num_threads()`` and the number of tasks.
         repeats: timed rounds, after the warm-up.
         step: ``step(candidate, meta_params, batch)``, the work timed (its result is dropped);
-            by default ``candidate.meta_grad(meta_params, batch)``.
+            by default ``candidate.meta_grad(meta_params, batch)``, and for a function the
+            gradient of the sum of ``candidate(meta_params, batch)`` with respect to
+            ``meta_params`` (``candidate`` is then the function mapped by ``task_map``).
 
     Returns:
-        ``(dataclasses.replace(algorithm, strategy=..., chunk_size=...), timings)`` with
+        ``(dataclasses.replace(algorithm, strategy=..., chunk_size=...), timings)`` (for a
+        function, ``(task_map(fn, strategy=..., chunk_size=...), timings)``) with
         ``timings`` ``{'loop': seconds per step, 'chunked:8': ..., 'vmap': 'out of memory'}``
-        (labels by :func:`metafunc.inner.strategy_label`).
+        (labels by :func:`metafunc.strategies.strategy_label`).
 
     Raises:
         torch.OutOfMemoryError: no candidate fits in memory (its ``timings`` attribute holds
@@ -405,7 +611,8 @@ def tune_strategy(
     names: set[str] = set()
     if dataclasses.is_dataclass(algorithm) and not isinstance(algorithm, type):
         names = {f.name for f in dataclasses.fields(algorithm)}
-    if not {"strategy", "chunk_size"} <= names:
+    per_task = callable(algorithm) and not isinstance(algorithm, type | Algorithm)
+    if not per_task and not {"strategy", "chunk_size"} <= names:
         what = (
             f"the class {algorithm.__qualname__}"
             if isinstance(algorithm, type)
@@ -413,11 +620,12 @@ def tune_strategy(
         )
         raise TypeError(
             f"{call}: algorithm is {what}, not an instance with strategy and chunk_size "
-            "fields; pass an algorithm of metafunc.algorithms, e.g. MAML(model, ...)."
+            "fields; pass an algorithm of metafunc.algorithms, e.g. MAML(model, ...), or a "
+            "per-task function fn(meta_params, task)."
         )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"{call}: repeats must be an int >= 1, got {repeats!r}.")
-    device = _device(meta_params)
+    device = mt.device_of(meta_params)
     if candidates is None:
         tasks = getattr(batch, "num_tasks", None)
         if tasks is None:
@@ -448,7 +656,15 @@ def tune_strategy(
                 f"{call}: candidate ({strategy!r}, {size!r}): only 'chunked' takes a chunk "
                 f"size; give ({strategy!r}, None)."
             )
-    if step is None:
+    if step is None and per_task:
+
+        def step(candidate: Any, meta: Any, work: Any) -> Any:
+            leaves = [x.detach().requires_grad_() for x in mt.leaves(meta)]
+            out = candidate(mt.structure(meta).unflatten(leaves), work)
+            total = sum(x.sum() for x in mt.leaves(out) if x.requires_grad)
+            return torch.autograd.grad(total, leaves, allow_unused=True)
+
+    elif step is None:
 
         def step(candidate: A, meta: Any, work: Any) -> Any:
             return candidate.meta_grad(meta, work)
@@ -459,8 +675,11 @@ def tune_strategy(
 
     alive: dict[str, A] = {}
     for strategy, size in candidates:
-        chunk = size if strategy == "chunked" else algorithm.chunk_size
-        candidate = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
+        if per_task:
+            candidate: Any = task_map(algorithm, strategy=strategy, chunk_size=size)  # type: ignore[arg-type]
+        else:
+            chunk = size if strategy == "chunked" else algorithm.chunk_size
+            candidate = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
         alive[strategy_label(strategy, size)] = candidate
     order = list(alive)
     failed: dict[str, str] = {}

@@ -21,7 +21,6 @@ from metafunc.algorithms._common import (
 )
 from metafunc.algorithms.base import (
     Algorithm,
-    check_common,
     check_lr,
     check_steps,
     gradient,
@@ -29,7 +28,7 @@ from metafunc.algorithms.base import (
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import adapt, task_map
+from metafunc.inner import adapt
 from metafunc.models.base import Model, default_generator, linear_init
 
 __all__ = ["Baseline", "load_weights", "pretrain_batch"]
@@ -135,10 +134,11 @@ class Baseline(Algorithm):
     ways: int | None = None
     strategy: str = "auto"
     chunk_size: int | None = None
+    randomness: str = "different"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
-        check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
         classify = self.loss == "cross_entropy"
         if self.finetune is None:
             object.__setattr__(self, "finetune", "head" if classify else "all")
@@ -241,13 +241,17 @@ class Baseline(Algorithm):
             preds = self.model.apply(mp["params"], x)
             return F.mse_loss(preds, y), task_metrics("mse", preds, y)
 
-        losses, metrics = self._map(one)(meta_params, batch)
+        losses, metrics = self.map_tasks(one)(meta_params, batch)
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
     # -- fine-tuning -------------------------------------------------------------------------
 
-    def _map(self, fn: Any) -> Any:
-        return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
+    def num_classes(self, meta_params: Any, batch: TaskBatch) -> int | None:
+        """``ways``, or the support size over ``shots`` (classification)."""
+        if self.loss != "cross_entropy":
+            return None
+        support = batch.support_x.shape[1]
+        return ways_of(f"{type(self).__name__}(shots, ways)", self.ways, self.shots, support)
 
     def _optimizer(self) -> Any:
         assert self.inner_optimizer is not None
@@ -313,8 +317,8 @@ class Baseline(Algorithm):
         with a leading task axis, after ``steps`` (default ``inner_steps``) steps."""
         steps = self.inner_steps if steps is None else steps
         check_steps(f"{type(self).__name__}.adapted_params", "steps", steps, minimum=0)
-        return self._map(lambda mp, t: self._finetune(mp, t, steps)[0])(meta_params, batch)
+        return self.map_tasks(lambda mp, t: self._finetune(mp, t, steps)[0])(meta_params, batch)
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)
-        return self._map(lambda mp, t: self._finetune(mp, t, steps)[1])(meta_params, batch)
+        return self.map_tasks(lambda mp, t: self._finetune(mp, t, steps)[1])(meta_params, batch)

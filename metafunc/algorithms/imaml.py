@@ -18,14 +18,13 @@ from metafunc.algorithms._common import (
 )
 from metafunc.algorithms.base import (
     Algorithm,
-    check_common,
     check_lr,
     check_steps,
     loss_fn_of,
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import adapt, task_map
+from metafunc.inner import adapt
 from metafunc.models.base import Model
 
 __all__ = ["IMAML", "conjugate_gradient"]
@@ -94,8 +93,10 @@ class IMAML(Algorithm):
     loss: str = "cross_entropy"
     strategy: str = "auto"
     chunk_size: int | None = None
+    randomness: str = "different"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         check_positive(
             name,
@@ -110,7 +111,6 @@ class IMAML(Algorithm):
         check_lr(name, "cg_tol", self.cg_tol)
         check_lr(name, "regu_coef", self.regu_coef)
         check_lr(name, "lam_damping", self.lam_damping)
-        check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
     # -- one task ----------------------------------------------------------------------------
 
@@ -160,18 +160,13 @@ class IMAML(Algorithm):
 
     # -- the meta-batch ----------------------------------------------------------------------
 
-    def _map(self, fn: Any) -> Any:
-        return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
-
     def meta_grad(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         """``({'params': mean_tasks(v)}, adapted query loss, metrics)``, all detached."""
-        call = f"{type(self).__name__}.meta_grad(meta_params, batch)"
-        mt.validate(meta_params, call=call, name="meta_params")
         with torch.no_grad():  # torch.func transforms inside still differentiate
             theta = mt.detach(meta_params["params"])
-            vs, losses, metrics = self._map(self.task_grad)(theta, batch)
+            vs, losses, metrics = self.map_tasks(self.task_grad)(theta, batch)
         grads = {"params": mt.map(lambda v: v.mean(0), vs)}
         return grads, losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
@@ -179,13 +174,10 @@ class IMAML(Algorithm):
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The adapted query loss, detached (use :meth:`meta_grad` for the meta-gradient)."""
-        mt.validate(
-            meta_params,
-            call=f"{type(self).__name__}.meta_loss(meta_params, batch)",
-            name="meta_params",
-        )
         with torch.no_grad():
-            losses, metrics = self._map(self.task_loss)(mt.detach(meta_params["params"]), batch)
+            losses, metrics = self.map_tasks(self.task_loss)(
+                mt.detach(meta_params["params"]), batch
+            )
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
@@ -195,4 +187,4 @@ class IMAML(Algorithm):
             theta = mt.detach(mp["params"])
             return self.inner_loop(theta, steps, observe=self.predict)(theta, task)[1]["observed"]
 
-        return self._map(one)(meta_params, batch)
+        return self.map_tasks(one)(meta_params, batch)

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from metafunc import tree as mt
+from metafunc._threads import run_tasks
 from metafunc._transforms import any_transform, under_grad
 from metafunc.algorithms.base import (
     Algorithm,
     Result,
-    check_common,
     check_lr,
     check_steps,
     gradient,
@@ -26,16 +26,10 @@ from metafunc.algorithms.base import (
     weighted_sum,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import (
-    _device,
-    _resolved,
-    adapt,
-    run_tasks,
-    task_map,
-    task_workers,
-)
+from metafunc.inner import adapt
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, apply_updates, sgd
+from metafunc.strategies import resolved_strategy, seeded, task_workers
 
 __all__ = ["ANIL", "MAML", "FirstOrderMAML", "MetaSGD"]
 
@@ -84,6 +78,7 @@ class MAML(Algorithm):
     trainable: mt.PathFilter | None = None
     strategy: str = "auto"
     chunk_size: int | None = None
+    randomness: str = "different"
     checkpoint: bool = False
     shared_first_step: bool | None = None
     # tasks whose first step the shared first step computes at once (and, second order, whose
@@ -99,10 +94,10 @@ class MAML(Algorithm):
     SHARED_STEP_MAX_SUPPORT: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         check_lr(name, "inner_lr", self.inner_lr)
         check_steps(name, "inner_steps", self.inner_steps)
-        check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
         if self.checkpoint and type(self).task_loss is not MAML.task_loss:
             raise ValueError(
                 f"{name}(checkpoint): checkpointing across inner steps is implemented for MAML, "
@@ -246,9 +241,6 @@ class MAML(Algorithm):
 
     # -- the meta-batch ----------------------------------------------------------------------
 
-    def _map(self, fn: Any) -> Any:
-        return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
-
     def meta_grad(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
@@ -256,17 +248,9 @@ class MAML(Algorithm):
         :meth:`checkpointed_task_grad` per task (same value, memory flat in ``inner_steps``)."""
         if not self.checkpoint:
             if self._shares_first_step(meta_params, batch):
-                mt.validate(
-                    meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
-                    name="meta_params",
-                )  # fmt: skip
                 return self._meta_grad_shared_first(meta_params, batch, iteration)
             return super().meta_grad(meta_params, batch, iteration=iteration)
-        mt.validate(
-            meta_params, call=f"{type(self).__name__}.meta_grad(meta_params, batch)",
-            name="meta_params",
-        )  # fmt: skip
-        grads, losses, metrics = self._map(
+        grads, losses, metrics = self.map_tasks(
             lambda mp, t: self.checkpointed_task_grad(mp, t, iteration)
         )(meta_params, batch)
         mean = mt.map(lambda g: g.mean(0), grads)
@@ -288,7 +272,9 @@ class MAML(Algorithm):
         leaves = mt.leaves(meta_params)
         if torch.is_grad_enabled() and any(x.requires_grad for x in leaves):
             return False
-        rest = _resolved(self.strategy, _device(meta_params))
+        rest = resolved_strategy(
+            self.strategy, mt.device_of(meta_params), convolutional=self.convolutional(batch)
+        )
         if self.shared_first_step is None:
             support = batch.support_x.shape[1] if batch.support_x.dim() > 1 else 0
             return (
@@ -357,7 +343,10 @@ class MAML(Algorithm):
             return TaskBatch(*(f[start:stop] for f in batch))
 
         tasks = batch.num_tasks
-        workers = task_workers(self.strategy, inputs[0].device)
+        workers = task_workers(
+            self.strategy, inputs[0].device, convolutional=self.convolutional(batch)
+        )
+        call = f"{type(self).__name__}.meta_grad(meta_params, batch)"
 
         def task_grad(t: int, held: Any, loss0: torch.Tensor) -> Any:
             # task t alone (the strategies that share the step run one graph per task); held:
@@ -393,7 +382,8 @@ class MAML(Algorithm):
                 # leaf as they come (not held as separate tensors between the tasks' passes)
                 product = one_step or not first_order
                 stacked = [torch.empty_like(x) for x in mt.leaves(start)] if product else []
-                for i, (grads, loss, metrics) in enumerate(run_tasks(calls, workers)):
+                tasks_run = run_tasks(seeded(calls, self.randomness, call), workers)
+                for i, (grads, loss, metrics) in enumerate(tasks_run):
                     if one_step:  # the meta-parameters' gradient is all in the product
                         part, grads = grads, None
                     elif not first_order:
@@ -428,7 +418,7 @@ class MAML(Algorithm):
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        losses, metrics = self._map(lambda mp, t: self.task_loss(mp, t, iteration))(
+        losses, metrics = self.map_tasks(lambda mp, t: self.task_loss(mp, t, iteration))(
             meta_params, batch
         )
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
@@ -440,7 +430,7 @@ class MAML(Algorithm):
             inner = self.inner_loop(mp, steps, first_order=True, observe=self.predict)
             return inner(mp["params"], task)[1]["observed"]
 
-        return self._map(one)(meta_params, batch)
+        return self.map_tasks(one)(meta_params, batch)
 
 
 @dataclass(frozen=True)
@@ -542,4 +532,4 @@ class ANIL(MAML):
             )
             return inner(head, feats)[1]["observed"]
 
-        return self._map(one)(meta_params, batch)
+        return self.map_tasks(one)(meta_params, batch)

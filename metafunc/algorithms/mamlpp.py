@@ -168,4 +168,4 @@ class MAMLPlusPlus(MAML):
             inner = self._inner(mp, steps, True, observe=lambda preds, t: preds)
             return inner(mp["params"], task, {})[2]["observed"]
 
-        return self._map(one)(meta_params, batch)
+        return self.map_tasks(one)(meta_params, batch)

@@ -8,17 +8,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metafunc import tree as mt
 from metafunc.algorithms._common import check_ways_shots, class_one_hot, ways_of
 from metafunc.algorithms.base import (
     Algorithm,
-    check_common,
     check_lr,
     check_steps,
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import task_map
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 
@@ -61,9 +58,11 @@ class ProtoNet(Algorithm):
     halve_every: int | None = 2000
     strategy: str = "auto"
     chunk_size: int | None = None
+    randomness: str = "different"
     loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         if self.loss != "cross_entropy":
             raise ValueError(
@@ -79,7 +78,11 @@ class ProtoNet(Algorithm):
         check_ways_shots(name, self.ways, self.shots)
         if self.halve_every is not None:
             check_steps(name, "halve_every", self.halve_every)
-        check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
+
+    def num_classes(self, meta_params: Any, batch: TaskBatch) -> int | None:
+        """``ways``, or the support size over ``shots``."""
+        support = batch.support_x.shape[1]
+        return ways_of(f"{type(self).__name__}(shots, ways)", self.ways, self.shots, support)
 
     def task_logits(self, meta_params: dict[str, Any], task: TaskBatch) -> torch.Tensor:
         """``[Q, ways]`` logits of one task."""
@@ -95,23 +98,15 @@ class ProtoNet(Algorithm):
         logits = self.task_logits(meta_params, task)
         return F.cross_entropy(logits, task.query_y), task_metrics(self.loss, logits, task.query_y)
 
-    def _map(self, fn: Any) -> Any:
-        return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
-
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mt.validate(
-            meta_params,
-            call=f"{type(self).__name__}.meta_loss(meta_params, batch)",
-            name="meta_params",
-        )
-        losses, metrics = self._map(self.task_loss)(meta_params, batch)
+        losses, metrics = self.map_tasks(self.task_loss)(meta_params, batch)
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)
-        logits = self._map(self.task_logits)(meta_params, batch)  # [T, Q, N]
+        logits = self.map_tasks(self.task_logits)(meta_params, batch)  # [T, Q, N]
         return logits[:, None].expand(-1, steps + 1, *logits.shape[1:])
 
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:

@@ -11,13 +11,12 @@ from metafunc import tree as mt
 from metafunc.algorithms._common import INNER_OPTIMIZERS, check_choice, make_inner_optimizer
 from metafunc.algorithms.base import (
     Algorithm,
-    check_common,
     check_lr,
     check_steps,
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
-from metafunc.inner import adapt, task_map
+from metafunc.inner import adapt
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, schedules, sgd
 
@@ -54,15 +53,16 @@ class Reptile(Algorithm):
     loss: str = "cross_entropy"
     strategy: str = "auto"
     chunk_size: int | None = None
+    randomness: str = "different"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         name = type(self).__name__
         check_lr(name, "inner_lr", self.inner_lr)
         check_steps(name, "inner_steps", self.inner_steps)
         check_choice(name, "inner_optimizer", self.inner_optimizer, INNER_OPTIMIZERS)
         if not isinstance(self.inner_b1, int | float) or not 0.0 <= self.inner_b1 < 1.0:
             raise ValueError(f"{name}(inner_b1): must be in [0, 1), got {self.inner_b1!r}.")
-        check_common(name, loss=self.loss, strategy=self.strategy, chunk_size=self.chunk_size)
 
     # -- one task ----------------------------------------------------------------------------
 
@@ -84,17 +84,10 @@ class Reptile(Algorithm):
 
     # -- the meta-batch ----------------------------------------------------------------------
 
-    def _map(self, fn: Any) -> Any:
-        return task_map(fn, strategy=self.strategy, chunk_size=self.chunk_size)
-
-    def _run(
-        self, meta_params: Any, batch: TaskBatch, method: str
-    ) -> tuple[Any, torch.Tensor, Any]:
-        call = f"{type(self).__name__}.{method}(meta_params, batch)"
-        mt.validate(meta_params, call=call, name="meta_params")
+    def _run(self, meta_params: Any, batch: TaskBatch) -> tuple[Any, torch.Tensor, Any]:
         with torch.no_grad():  # first order: nothing to differentiate outside the inner loop
             params = mt.detach(meta_params["params"])
-            deltas, losses, metrics = self._map(self.task_step)(params, batch)
+            deltas, losses, metrics = self.map_tasks(self.task_step)(params, batch)
         mean_delta = mt.map(lambda d: d.mean(0), deltas)
         return mean_delta, losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
@@ -103,14 +96,14 @@ class Reptile(Algorithm):
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
         """The pseudo-gradient ``{'params': θ − mean_tasks(φ)}``, the adapted query loss and
         metrics. ``sgd(ε)`` applied to it is the Reptile step."""
-        mean_delta, loss, metrics = self._run(meta_params, batch, "meta_grad")
+        mean_delta, loss, metrics = self._run(meta_params, batch)
         return {"params": mt.scale(-1.0, mean_delta)}, loss, metrics
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The adapted query loss, detached: Reptile's update is not its gradient."""
-        _, loss, metrics = self._run(meta_params, batch, "meta_loss")
+        _, loss, metrics = self._run(meta_params, batch)
         return loss, metrics
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
@@ -119,7 +112,7 @@ class Reptile(Algorithm):
         def one(mp: dict[str, Any], task: TaskBatch) -> torch.Tensor:
             return self.inner_loop(steps, observe=self.predict)(mp["params"], task)[1]["observed"]
 
-        return self._map(one)(meta_params, batch)
+        return self.map_tasks(one)(meta_params, batch)
 
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
         """``sgd(ε)`` on the pseudo-gradient; with ``anneal``, ``ε`` falls linearly to 0 over

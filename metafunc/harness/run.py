@@ -28,7 +28,7 @@ from metafunc.data import TaskBatch, get_benchmark
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
-from metafunc.inner import default_strategy, strategy_label
+from metafunc.strategies import default_strategy, strategy_label
 
 __all__ = [
     "NumericsError", "Run", "build", "build_algorithm", "evaluate", "init_meta", "train",

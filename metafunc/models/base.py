@@ -14,6 +14,8 @@ statistics of the batch it sees, per task under ``vmap`` (MAML's setting).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -68,6 +70,12 @@ class Model:
     head: str | None = None
     name: str = "model"
     vmap_exact: bool = False
+
+    def inference(self) -> Model:
+        """This model with ``apply``'s ``training`` defaulting to ``False``: dropout off, and
+        batch norm with running statistics where a state is given (without one, each batch's
+        own statistics, as in training). ``Algorithm.evaluate`` evaluates with it."""
+        return dataclasses.replace(self, apply=functools.partial(self.apply, training=False))
 
 
 def conv_init(
