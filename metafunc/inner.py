@@ -16,7 +16,7 @@ import torch
 
 from metafunc import tree as mt
 from metafunc._transforms import any_transform
-from metafunc.data.batch import TaskBatch, check_batch
+from metafunc.data.batch import TaskBatch, check_batch, in_checked_scope
 from metafunc.optim.base import GradientTransformation, apply_updates
 
 __all__ = ["adapt", "grad_with_aux"]
@@ -132,7 +132,7 @@ def adapt(
 
     def run(params: Any, batch: Any, state: Any = None, *, first: Any = None) -> Any:
         mt.validate(params, call="adapt(...)(params, batch)")
-        if isinstance(batch, TaskBatch):  # one task: no task axis
+        if isinstance(batch, TaskBatch) and not in_checked_scope():  # one task: no task axis
             check_batch(batch, call="adapt(...)(params, batch)", tasks=False)
         if stateful and state is None:
             raise ValueError(

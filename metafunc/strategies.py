@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 from metafunc import tree as mt
 from metafunc._random import RANDOMNESS, check_randomness, in_task_stream, task_seeds
 from metafunc._threads import run_tasks
-from metafunc.data.batch import TaskBatch, check_batch
+from metafunc.data.batch import TaskBatch, check_batch, checked_scope
 
 __all__ = [
     "RANDOMNESS",
@@ -313,6 +313,13 @@ def mapper(
                 f"{call}: got {len(args)} arguments but in_dims has {len(in_dims)} entries."
             )
         size = _task_axis_size(call, args, in_dims, check=check_batches)
+        batches = any(
+            isinstance(a, TaskBatch) for a, d in zip(args, in_dims, strict=True) if d == 0
+        )
+        with checked_scope() if check_batches and batches else contextlib.nullcontext():
+            return run(size, args)
+
+    def run(size: int, args: tuple[Any, ...]) -> Any:
         device = next(
             mt.leaves(a)[0] for a, d in zip(args, in_dims, strict=True) if d is not None
         ).device

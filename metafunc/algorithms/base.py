@@ -19,7 +19,7 @@ from torch import nn
 from metafunc import tree as mt
 from metafunc._random import check_randomness
 from metafunc._threads import on_worker, run_tasks
-from metafunc.data.batch import TaskBatch, check_batch
+from metafunc.data.batch import TaskBatch, check_batch, checked_scope
 from metafunc.inner import grad_with_aux
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
@@ -232,7 +232,8 @@ def _entry_point(method: Callable[..., Any]) -> Callable[..., Any]:
         self.check_inputs(f"{type(self).__name__}.{method.__name__}", meta_params, batch)
         _ENTRY.depth = 1
         try:
-            return method(self, meta_params, batch, *args, **kwargs)
+            with checked_scope():
+                return method(self, meta_params, batch, *args, **kwargs)
         finally:
             _ENTRY.depth = 0
 

@@ -3,20 +3,38 @@ the one check every public entry point that takes tasks runs on it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple
 
 import torch
 
 from metafunc._transforms import any_transform
 
-__all__ = ["TaskBatch", "check_batch"]
+__all__ = ["TaskBatch", "check_batch", "checked_scope", "in_checked_scope"]
 
 Targets = Literal["classes", "values"]
 
 # value checks (label range) on accelerators too, where they cost a host synchronisation
 DEBUG = os.environ.get("METAFUNC_DEBUG", "") not in ("", "0")
+_SCOPE = threading.local()  # .depth: checked batches being worked through on this thread
+
+
+@contextlib.contextmanager
+def checked_scope() -> Iterator[None]:
+    """Work on a batch :func:`check_batch` has passed: the single tasks cut from it inside need
+    no check of their own (:func:`in_checked_scope`), which keeps checks off the hot path."""
+    _SCOPE.depth = getattr(_SCOPE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _SCOPE.depth -= 1
+
+
+def in_checked_scope() -> bool:
+    return bool(getattr(_SCOPE, "depth", 0))
 
 
 class TaskBatch(NamedTuple):
