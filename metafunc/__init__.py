@@ -30,6 +30,7 @@ __all__ = [
     "algorithms",
     "check_batch",
     "check_strategies",
+    "compile_step",
     "conv4",
     "data",
     "default_strategy",
@@ -50,10 +51,12 @@ _LAZY = ("algorithms", "data", "distributed", "harness")
 
 def __getattr__(name: str) -> object:
     # Submodules with heavier imports load on first use, keeping `import metafunc` light.
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return importlib.import_module(f"metafunc.{name}")
+    if name == "compile_step":
+        return importlib.import_module("metafunc.step").compile_step
     raise AttributeError(f"module 'metafunc' has no attribute {name!r}")
 
 

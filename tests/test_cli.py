@@ -368,3 +368,46 @@ def test_auto_strategy_builds_one_meta_gradient_per_candidate_and_times_the_last
     # 'auto' one is the run's own, built with it and never called)
     assert sorted(built) == ["auto", "loop", "threads", "vmap"] and iterations == {6}
     assert set(times) == {"loop", "vmap", "threads"} and resolved.strategy in times
+
+
+def test_compile_auto_skips_a_compile_that_would_not_pay_and_records_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    record = json.loads((run / "compile.json").read_text())
+    assert record["choice"] == "off" and "would not pay back over 6 steps" in record["why"]
+    assert record["eager_ms"] > 0 and "compiled_ms" not in record  # nothing was compiled
+    assert json.loads((run / "config.json").read_text())["compile"] == "off"  # kept for a resume
+
+
+@pytest.mark.slow
+def test_compile_auto_compiles_when_it_pays_and_remembers_the_compile(tmp_path, monkeypatch):
+    from metafunc.harness import run as harness_run
+
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness_run, "COMPILE_GUESS_S", 0.0)  # as if compiling cost nothing
+    run = tmp_path / "run"
+    args = [*QUICK, "--strategy", "vmap", "--iterations", "8"]
+    assert main(["train", "--run-dir", str(run), *args]) == 0
+    record = json.loads((run / "compile.json").read_text())
+    assert record["cache"] == "cold" and record["compile_s"] > 0 and record["compiled_ms"] > 0
+    assert record["choice"] in ("default", "off") and "per step" in record["why"]
+    assert json.loads((run / "config.json").read_text())["compile"] == record["choice"]
+    known = json.loads((tmp_path / "cache" / "compile-times.json").read_text())
+    (entry,) = known.values()
+    assert entry["cold_s"] == record["compile_s"]
+
+
+@pytest.mark.slow
+def test_a_compiled_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
+    args = [*QUICK, "--strategy", "vmap", "--compile", "default"]
+    straight, short = tmp_path / "straight", tmp_path / "short"
+    assert main(["train", "--run-dir", str(straight), *args]) == 0
+    assert main(["train", "--run-dir", str(short), *args, "--iterations", "3"]) == 0
+    assert main(["train", "--resume", str(short), "--iterations", "6", "--quiet"]) == 0
+    a, b = _final(straight), _final(short)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    eager = tmp_path / "eager"
+    assert main(["train", "--run-dir", str(eager), *QUICK, "--strategy", "vmap"]) == 0
+    c = _final(eager)  # the compiled run follows the eager one (float32 rounding apart)
+    assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)

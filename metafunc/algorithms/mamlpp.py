@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
@@ -60,9 +60,6 @@ class MAMLPlusPlus(MAML):
 
     inner_lr: float = 0.1
     inner_steps: int = 5
-    not_compilable: ClassVar[str] = (
-        "its per-step rates index by the inner step counter, a data-dependent int to torch.compile"
-    )
     msl_iterations: int = 5000
     first_order_iterations: int = 0
     min_outer_lr: float = 1e-5

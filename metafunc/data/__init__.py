@@ -6,8 +6,11 @@
   whole meta-batch at a time with tensor ops on the target device.
 - Loaders returning :class:`ClassImages`: Omniglot, mini-ImageNet, CIFAR-FS, folder-per-class.
 - :func:`get_benchmark`: a named benchmark's train / validation / test samplers.
+- :mod:`keys`: counter-based random numbers on tensors, for sampling inside a compiled step
+  (the samplers' ``sample_keyed``).
 """
 
+from metafunc.data import keys
 from metafunc.data.batch import TaskBatch
 from metafunc.data.cache import default_cache_dir
 from metafunc.data.cifarfs import CIFAR_FS_CLASSES, cifar_fs_splits, load_cifar_fs
@@ -48,6 +51,7 @@ __all__ = [
     "download_file",
     "folder_splits",
     "get_benchmark",
+    "keys",
     "load_cifar_fs",
     "load_folder",
     "load_mini_imagenet",

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
+from metafunc.data import keys
 from metafunc.data.batch import TaskBatch
 from metafunc.data.dataset import ClassImages
 
@@ -231,6 +232,24 @@ class EpisodeSampler:
         check_generator(generator, call=call)
         ids, rows = self._draw(num_tasks, generator)
         return self._gather(rows), ids
+
+    def sample_keyed(self, num_tasks: int, key: torch.Tensor) -> TaskBatch:
+        """A meta-batch of ``num_tasks`` tasks drawn from ``key`` (:mod:`metafunc.data.keys`):
+        pure tensor operations on the sampler's device, so it runs inside a compiled training
+        step (:func:`metafunc.compile_step`). Classes are the ``ways`` largest of uniform keys
+        over every class, examples the ``shots + queries`` largest over a class's examples: the
+        distribution of :meth:`sample`, not its tasks."""
+        device = key.device
+        class_keys = keys.uniform(keys.split(key, 2)[0], (num_tasks, self.num_classes))
+        ids = class_keys.to(device).topk(self.ways, dim=1).indices
+        shape = (num_tasks, self.ways, self._examples)
+        example_keys = keys.uniform(keys.split(key, 2)[1], shape).to(device)
+        if self._counts is not None:
+            real = self._counts.to(device)[ids].unsqueeze(-1)
+            fill = torch.arange(self._examples, device=device) >= real
+            example_keys = example_keys.masked_fill(fill, -1.0)
+        picks = example_keys.topk(self.shots + self.queries, dim=-1).indices
+        return self._gather(ids.unsqueeze(-1) * self._examples + picks)
 
     def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
         """A fixed evaluation set: ``count`` tasks drawn from ``seed``, ``batch_size`` at a time.

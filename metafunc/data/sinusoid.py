@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 
+from metafunc.data import keys
 from metafunc.data.batch import TaskBatch
 from metafunc.data.sampler import check_episodes_args, check_generator, check_num_tasks
 
@@ -107,6 +108,20 @@ class SinusoidTasks:
         check_num_tasks(num_tasks, call=call)
         check_generator(generator, call=call)
         return self._draw(num_tasks, generator)
+
+    def sample_keyed(self, num_tasks: int, key: torch.Tensor) -> TaskBatch:
+        """A meta-batch of ``num_tasks`` tasks drawn from ``key`` (:mod:`metafunc.data.keys`):
+        pure tensor operations on the sampler's device, so it runs inside a compiled training
+        step (:func:`metafunc.compile_step`). Not the tasks :meth:`sample` draws from a
+        generator, but the same distribution."""
+        amplitude_key, phase_key, x_key = keys.split(key, 3)
+        amplitude = keys.uniform(amplitude_key, (num_tasks,), self.dtype, *self.amplitude)
+        phase = keys.uniform(phase_key, (num_tasks,), self.dtype, *self.phase)
+        shape = (num_tasks, self.shots + self.queries, 1)
+        x = keys.uniform(x_key, shape, self.dtype, *self.x_range)
+        y = sinusoid(x, amplitude, phase)
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
 
     def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
         """A fixed evaluation set: ``count`` tasks from ``seed`` in batches of ``batch_size``.

@@ -22,7 +22,8 @@ MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
 DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs")
 STRATEGIES = ("auto", "vmap", "chunked", "loop", "threads")
 DTYPES = ("float32", "float64")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # Algorithm.compiled_meta_grad
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
+COMPILE_CHOICES = ("auto", "off", *COMPILE_MODES)
 PRECISIONS = ("default", "ieee", "tf32", "bf16")
 
 
@@ -48,8 +49,11 @@ class Config:
     images per pretraining step; an iteration is one such batch). ``rotate_test``: Omniglot test
     classes rotated by 90° multiples as new classes (MAML's and ProtoNets' protocol; Reptile's
     is without).
-    ``compile``: a ``torch.compile`` mode for the whole meta-gradient
-    (:meth:`~metafunc.algorithms.Algorithm.compiled_meta_grad`), or ``None`` for eager.
+    ``compile``: ``'auto'`` (time the eager and the compiled training step on the run's own
+    work, charge the compile time against the remaining iterations, keep the faster; the choice
+    and timings go to ``compile.json``, and a resumed run keeps the choice), ``'off'`` (eager), or
+    a ``torch.compile`` mode for the whole step (:func:`metafunc.compile_step`). Compiled
+    artifacts are cached under the user cache directory, so a repeated config compiles quicker.
     ``precision`` of float32 compute: ``'default'`` (torch's: on CUDA, TF32 convolutions and
     IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
     convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
@@ -91,7 +95,7 @@ class Config:
     seed: int = 0
     strategy: str = "auto"
     chunk_size: int | None = None
-    compile: str | None = None
+    compile: str | None = "auto"
     precision: str = "default"
     channels_last: bool | None = None
     eval_episodes: int = 600
@@ -187,19 +191,25 @@ class Config:
                 f"config: precision='bf16' autocasts float32 compute; dtype={self.dtype!r} "
                 "would stay as it is: use dtype float32."
             )
-        if self.compile is not None:
-            choice("compile", COMPILE_MODES)
-            why = {
-                "baseline": "the baseline pretrains a classifier; there is no meta-gradient",
-                "mamlpp": "MAML++'s per-step rates index by a data-dependent step counter",
-            }.get(self.algorithm)
-            if self.inner_checkpoint:
-                why = "inner_checkpoint recomputes steps in a Python sweep"
-            if why:
-                raise ConfigError(f"config: compile={self.compile!r} is not available: {why}; "
-                                  "leave compile unset.")  # fmt: skip
+        if self.compile is None:  # configs written before 'auto' and 'off' existed
+            object.__setattr__(self, "compile", "off")
+        choice("compile", COMPILE_CHOICES)
+        why = self.compile_unavailable()
+        if why and self.compile not in ("auto", "off"):
+            raise ConfigError(f"config: compile={self.compile!r} is not available: {why}; "
+                              "use --compile auto or off.")  # fmt: skip
         if not self.device.startswith(("cpu", "cuda")):
             raise ConfigError(f"config: device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
+
+    def compile_unavailable(self) -> str:
+        """Why this config cannot compile its training step ("" when it can)."""
+        if self.algorithm == "baseline" and not self.is_regression:
+            return "the classification baseline pretrains a classifier; there is no meta-step"
+        if self.inner_checkpoint:
+            return "inner_checkpoint recomputes steps in a Python sweep"
+        if self.precision == "bf16":
+            return "bf16 autocast runs eagerly"
+        return ""
 
     @property
     def is_regression(self) -> bool:

@@ -25,9 +25,11 @@ from metafunc import algorithms, models, optim
 from metafunc import distributed as mdist
 from metafunc import tree as mt
 from metafunc.data import TaskBatch, get_benchmark
+from metafunc.data.cache import default_cache_dir, write_atomic
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
+from metafunc.step import Step, StepState, compile_step
 from metafunc.strategies import default_strategy, strategy_label
 
 __all__ = [
@@ -57,7 +59,8 @@ class Run:
         if self.meta_grad is None:
             alg = self.algorithm
             mode = self.config.compile
-            grad = alg.meta_grad if mode is None else alg.compiled_meta_grad(mode)
+            eager = mode is None or mode in ("auto", "off")
+            grad = alg.meta_grad if eager else alg.compiled_meta_grad(str(mode))
 
             def meta_grad(meta: Any, batch: TaskBatch, *, iteration: int = 0) -> Any:
                 with self.precision():
@@ -381,6 +384,146 @@ def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
     return cfg.replace(strategy=fastest.strategy, chunk_size=fastest.chunk_size), times
 
 
+# what 'auto' assumes a first (cold) compile costs before this machine has timed one, and what
+# fraction of it a compile from inductor's warm cache costs (seconds; the sinusoid step on the
+# 2-core CPU: 19 s cold, about 5 s warm), see HISTORY "compiled step"
+COMPILE_GUESS_S = 20.0
+WARM_FRACTION = 0.3
+
+
+def _compile_times() -> Path:
+    return default_cache_dir() / "compile-times.json"
+
+
+def _compile_key(cfg: Config) -> str:
+    """What a compiled step depends on: the config but for seeds, lengths and folders."""
+    keep = cfg.replace(seed=0, iterations=1, data_root=None, preset=None, compile="off").to_dict()
+    return json.dumps({**keep, "torch": torch.__version__}, sort_keys=True)
+
+
+def use_inductor_cache() -> None:
+    """Keep ``torch.compile``'s artifacts (inductor's FX graph and AOT autograd caches) under
+    the metafunc cache folder, so a repeated config compiles from cache (a folder the user set
+    in ``TORCHINDUCTOR_CACHE_DIR`` is kept; torch's own default, a temporary folder, is not)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(torch_default()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / "inductor")
+
+
+def remember_compile(cfg: Config, compile_s: float, compiled_ms: float) -> str:
+    """Record a compile of ``cfg``'s step on this machine (its seconds, and milliseconds per
+    compiled step) for ``'auto'`` to expect next time; returns whether it was ``'cold'`` (the
+    first of this config) or ``'warm'`` (from inductor's cache)."""
+    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
+    seen = known.get(_compile_key(cfg), {})
+    cache = "warm" if seen else "cold"
+    known[_compile_key(cfg)] = {
+        **seen,
+        f"{cache}_s": round(compile_s, 2),
+        "compiled_ms": round(compiled_ms, 4),
+    }
+    _compile_times().parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(_compile_times(), (json.dumps(known, indent=1) + "\n").encode())
+    return cache
+
+
+def resolve_compile(
+    cfg: Config, run: Run, meta: Any, opt: Any, remaining: int
+) -> tuple[str, dict[str, Any], Step]:
+    """``(choice, record, step)`` for ``compile='auto'``: the step (eager or compiled) that
+    finishes the ``remaining`` iterations sooner on this configuration's own work.
+
+    The eager step is timed on one meta-batch of the run's tasks (median of 3 after a warm-up).
+    Unless that many eager steps take less than a compile is expected to cost (the last compile
+    time of this config on this machine, else :data:`COMPILE_GUESS_S`), the step is compiled,
+    the compile timed (with the one recompile a changing iteration makes) and the compiled step
+    timed alike; the compiled one is kept when it is faster (its compile is paid by then). The
+    record (milliseconds per step, compile seconds, the choice and why) goes to the run folder's
+    ``compile.json``; the compiled step is returned for the run to use."""
+    why = cfg.compile_unavailable()
+    eager = compile_step(run.algorithm, opt, mode=None)
+    if why:
+        return "off", {"choice": "off", "why": why}, eager
+    gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
+    batch = run.train_tasks.sample(cfg.meta_batch, gen.manual_seed(cfg.seed + 2))
+    state = eager.init(meta)
+
+    def ms_per_step(step: Step) -> float:
+        times = []
+        for i in range(3):
+            start = time.perf_counter()
+            _, metrics = step(state, batch, iteration=i)
+            float(metrics["loss"])  # waits for the device
+            times.append(time.perf_counter() - start)
+        return 1e3 * sorted(times)[1]
+
+    ms_per_step(eager)  # warm-up
+    eager_ms = ms_per_step(eager)
+    record: dict[str, Any] = {"eager_ms": round(eager_ms, 4), "remaining": remaining}
+    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
+    seen = known.get(_compile_key(cfg), {})
+    if "warm_s" in seen:  # a config compiled before on this machine compiles from the cache
+        expected = seen["warm_s"]
+    elif "cold_s" in seen:
+        expected = seen["cold_s"] * WARM_FRACTION
+    else:
+        expected = COMPILE_GUESS_S
+    saving_ms = eager_ms - seen.get("compiled_ms", 0.0)  # at most the whole eager step
+    if remaining * saving_ms / 1e3 <= expected:
+        record.update(choice="off", expected_compile_s=round(expected, 1), why=(
+            f"compiling (about {expected:.1f} s) would not pay back over {remaining} steps of "
+            f"{eager_ms:.3f} ms; --compile default compiles anyway, and fills the cache that "
+            "makes the next compile of this config quicker"))  # fmt: skip
+        return "off", record, eager
+    compiled = compile_step(run.algorithm, opt, mode="default")
+    start = time.perf_counter()
+    for i in (0, 1):  # the first iteration compiles; the next makes the iteration dynamic
+        float(compiled(state, batch, iteration=i)[1]["loss"])
+    compile_s = time.perf_counter() - start
+    compiled_ms = ms_per_step(compiled)
+    cache = remember_compile(cfg, compile_s, compiled_ms)
+    faster = compiled_ms < eager_ms
+    record.update(
+        compiled_ms=round(compiled_ms, 4), compile_s=round(compile_s, 2),
+        cache=cache,
+        choice="default" if faster else "off",
+        why=f"compiled {compiled_ms:.3f} ms against eager {eager_ms:.3f} ms per step",
+    )  # fmt: skip
+    return record["choice"], record, compiled if faster else eager
+
+
+def _distributed_or_pretraining_step(
+    run: Run,
+    opt: Any,
+    meta: Any,
+    opt_state: Any,
+    data_gen: torch.Generator,
+    step: int,
+    stop: list[int],
+    *,
+    rank: int,
+    world: int,
+    count: int,
+    first: int,
+) -> tuple[Any, Any, dict[str, torch.Tensor], bool]:
+    """One step of a data-parallel or pretraining run: this rank's meta-gradient (or pretraining
+    gradient), averaged over the ranks with whether any was signalled, checked, applied.
+    Returns ``(meta, opt_state, metrics, stopping)``."""
+    grads, loss, metrics, batch = train_step(run, meta, data_gen, step, rank=rank, world=world)
+    stopping = False
+    if world > 1:  # the mean over the global batch, and whether any rank was signalled
+        flag = torch.tensor(float(bool(stop)), dtype=loss.dtype, device=loss.device)
+        tree = {"grads": grads, "loss": loss, "metrics": metrics, "stop": flag}
+        tree = mdist.all_reduce_mean(tree, weight=count)
+        grads, loss, metrics = tree["grads"], tree["loss"], tree["metrics"]
+        stopping = bool(tree["stop"] > 0)
+    _check_finite(step, loss, grads, run, meta, batch, first_task=first, world=world)
+    updates, opt_state = opt.update(grads, opt_state, meta)
+    return optim.apply_updates(meta, updates), opt_state, metrics, stopping
+
+
 def train(
     cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False
 ) -> dict[str, Any]:
@@ -429,6 +572,24 @@ def _train(
         chosen = mdist.broadcast_object((fastest.strategy, fastest.chunk_size))
         cfg = cfg.replace(strategy=chosen[0], chunk_size=chosen[1])
     run = build(cfg)
+    alg = run.algorithm
+    meta = init_meta(run, cfg.seed)
+    opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
+    schedule = alg.outer_schedule(cfg.outer_lr, cfg.iterations)
+    opt_state = opt.init(meta)
+    # one process on meta-batches: the whole training step, eager or compiled (compile_step);
+    # data-parallel and pretraining runs take the meta-gradient and update the meta-parameters
+    # themselves, with config.compile applied to the meta-gradient alone
+    step_fn: Step | None = None
+    compiled: dict[str, Any] = {}
+    if world == 1 and not pretrains(run):
+        use_inductor_cache()
+        if cfg.compile == "auto":  # decided once; config.json keeps the choice for a resume
+            choice, compiled, step_fn = resolve_compile(cfg, run, meta, opt, cfg.iterations)
+            cfg = cfg.replace(compile=choice)
+        else:
+            mode = None if cfg.compile == "off" else cfg.compile
+            step_fn = compile_step(alg, opt, mode=mode)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -438,11 +599,10 @@ def _train(
                 size = cfg.chunk_size if cfg.strategy == "chunked" else None
                 print(f"strategy 'auto': {strategy_label(cfg.strategy, size)}, the fastest of "
                       f"{_format_timings(timings)} per step")  # fmt: skip
-    alg = run.algorithm
-    meta = init_meta(run, cfg.seed)
-    opt = alg.outer_optimizer(cfg.outer_lr, cfg.iterations)
-    schedule = alg.outer_schedule(cfg.outer_lr, cfg.iterations)
-    opt_state = opt.init(meta)
+        if compiled:  # what compile 'auto' measured, beside the choice in config.json
+            (run_dir / "compile.json").write_text(json.dumps(compiled, indent=2) + "\n")
+            if not quiet:
+                print(f"compile 'auto': {compiled['choice']} ({compiled['why']})")
     data_gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
     data_gen.manual_seed(cfg.seed + 1)
     start = 0
@@ -482,6 +642,7 @@ def _train(
         dynamic_ncols=True,
     )
     crash_at = launch.injected_crash_step(rank)
+    key = torch.zeros((), dtype=torch.int64, device=run.device)  # no in-step sampler here
     stopping = False  # under torch.distributed: some rank was signalled (all ranks agree)
     t0 = time.perf_counter()
     step = start
@@ -497,18 +658,19 @@ def _train(
                 return {"interrupted": step}
             if step == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            grads, loss, metrics, batch = train_step(
-                run, meta, data_gen, step, rank=rank, world=world
-            )
-            if world > 1:  # the mean over the global batch, and whether any rank was signalled
-                flag = torch.tensor(float(bool(stop)), dtype=loss.dtype, device=loss.device)
-                tree = {"grads": grads, "loss": loss, "metrics": metrics, "stop": flag}
-                tree = mdist.all_reduce_mean(tree, weight=count)
-                grads, loss, metrics = tree["grads"], tree["loss"], tree["metrics"]
-                stopping = bool(tree["stop"] > 0)
-            _check_finite(step, loss, grads, run, meta, batch, first_task=first, world=world)
-            updates, opt_state = opt.update(grads, opt_state, meta)
-            meta = optim.apply_updates(meta, updates)
+            if step_fn is not None:
+                batch = run.train_tasks.sample(cfg.meta_batch, data_gen)
+                with run.precision():
+                    after, metrics = step_fn(StepState(meta, opt_state, key), batch, iteration=step)
+                if not bool(metrics.pop("finite")):  # the pre-step state is kept: explain
+                    grads, _, _ = alg.meta_grad(meta, batch, iteration=step)
+                    _check_finite(step, metrics["loss"], grads, run, meta, batch)
+                meta, opt_state = after.meta, after.opt_state
+            else:
+                meta, opt_state, metrics, stopping = _distributed_or_pretraining_step(
+                    run, opt, meta, opt_state, data_gen, step, stop, rank=rank, world=world,
+                    count=count, first=first,
+                )  # fmt: skip
             done = step + 1
             if log is not None and (done % cfg.log_every == 0 or done == cfg.iterations):
                 elapsed = time.perf_counter() - t0
@@ -544,8 +706,12 @@ def _train(
             board.close()
         for s, h in handlers.items():
             signal.signal(s, h)
+    train_seconds = time.perf_counter() - t0
+    if step_fn is not None and step_fn.compile_seconds and not compiled and step > start:
+        compile_s = step_fn.compile_seconds[0]
+        remember_compile(cfg, compile_s, 1e3 * (train_seconds - compile_s) / (step + 1 - start))
     results = evaluate(run, meta)
-    results["train_seconds"] = round(time.perf_counter() - t0, 1)
+    results["train_seconds"] = round(train_seconds, 1)
     if lead:
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         if not quiet:

@@ -96,15 +96,19 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
         else:
             rates = optree.tree_map(lambda _: lr, grads)
         if per_step:
-            k = int(count)
+            # the step as a tensor index: no host read, so a compiled step keeps one graph
+            index = count.reshape(1).to(torch.int64)
+            if not torch.compiler.is_compiling():
+                k = int(count)
+                short = [r for r in mt.leaves(rates) if k >= r.shape[0]]
+                if short:
+                    raise ValueError(
+                        f"{call}: per-step rates have {short[0].shape[0]} steps but step {k} was "
+                        "asked for; give one rate per inner step."
+                    )
 
             def pick(r: torch.Tensor) -> torch.Tensor:
-                if k >= r.shape[0]:
-                    raise ValueError(
-                        f"{call}: per-step rates have {r.shape[0]} steps but step {k} was asked "
-                        "for; give one rate per inner step."
-                    )
-                return r[k]
+                return r.index_select(0, index.to(r.device)).squeeze(0)
 
             rates = optree.tree_map(pick, rates)
         return rates
