@@ -161,8 +161,8 @@ class Step:
     def _note_signature(self, call: str, state: StepState, batch: TaskBatch | None) -> None:
         """A new shape, dtype or device compiles again: once, said with a warning."""
         fields = () if batch is None else tuple((f.shape, f.dtype, f.device) for f in batch)
-        leaves = tuple((x.shape, x.dtype, x.device) for x in mt.leaves(state.meta))
-        signature = (fields, leaves)
+        first = mt.leaves(state.meta)[0]  # the meta-parameters keep their shapes between steps
+        signature = (fields, first.dtype, first.device)
         if signature in self._signatures:
             return
         if self._signatures:

@@ -427,7 +427,8 @@ def partition(tree: PyTree, where: PathFilter) -> tuple[dict[str, Any], dict[str
 def combine(*parts_and_spec: Any) -> PyTree:
     """Inverse of :func:`partition`: ``combine(part_a, part_b, ..., spec) -> tree``."""
     *parts, spec = parts_and_spec
-    if not isinstance(spec, PyTreeSpec):
+    # (dynamo traces optree's specs as objects of its own: checked eagerly only)
+    if not torch.compiler.is_compiling() and not isinstance(spec, PyTreeSpec):
         raise TypeError(
             "tree.combine(*parts, spec): the last argument must be the spec that "
             f"tree.partition returned, got {type(spec).__qualname__}."
