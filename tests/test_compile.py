@@ -12,7 +12,7 @@ from test_algorithms import LR, ref_meta_grad
 from test_algorithms_extra import sine_mlp, sine_tasks
 
 from metafunc import TaskBatch, conv4, tree
-from metafunc.algorithms import MAML, MAMLPlusPlus, MetaSGD, Reptile
+from metafunc.algorithms import MAML, MetaSGD, Reptile
 from metafunc.cli import main
 from metafunc.harness import Config, ConfigError
 
@@ -118,8 +118,6 @@ def test_compiled_meta_grad_refuses_what_it_cannot_trace():
         MAML(sine_mlp(), loss="mse").compiled_meta_grad("fast")
     with pytest.raises(ValueError, match="checkpoint=False to compile"):
         MAML(sine_mlp(), loss="mse", checkpoint=True).compiled_meta_grad()
-    with pytest.raises(ValueError, match="MAMLPlusPlus cannot be compiled"):
-        MAMLPlusPlus(sine_mlp(), loss="mse").compiled_meta_grad()
     alg = MAML(sine_mlp(), loss="mse")
     bad = {"params": {**alg.init()["params"], "fc0.bias": None}}
     with pytest.raises(TypeError, match=r"compiled_meta_grad\(\)\(meta_params, batch\)"):
@@ -130,12 +128,16 @@ def test_config_refuses_compile_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="compile='fast' is not one of"):
         Config(compile="fast")
     for bad, why in (
-        ({"algorithm": "mamlpp", "eval_inner_steps": 1, "report_steps": (0, 1)}, "step counter"),
-        ({"algorithm": "baseline"}, "no meta-gradient"),
+        ({"algorithm": "baseline", "dataset": "omniglot"}, "pretrains a classifier"),
         ({"inner_checkpoint": True}, "Python sweep"),
+        ({"precision": "bf16"}, "autocast runs eagerly"),
     ):
         with pytest.raises(ConfigError, match=why):
             Config(compile="default", **bad)
+        assert Config(compile="auto", **bad).compile_unavailable()  # auto then runs eagerly
+    mamlpp = {"algorithm": "mamlpp", "eval_inner_steps": 1, "report_steps": (0, 1)}
+    assert Config(compile="default", **mamlpp).compile == "default"  # compiles now
+    assert Config.from_dict({"compile": None}).compile == "off"  # a config from before 'auto'
 
 
 def test_train_with_compile_follows_the_eager_run(tmp_path):
