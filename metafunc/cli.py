@@ -19,23 +19,36 @@ __all__ = ["main"]
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    from metafunc.harness.config import Config
+    """One flag per config key, in groups, each with its help, default and choices."""
+    from metafunc.harness.config import CHOICES, FLAGS, GROUPS, ONLY_FOR, Config
 
+    groups = {name: p.add_argument_group(f"{name} options") for name in GROUPS}
     for f in fields(Config):
         if f.name == "preset":
             continue
+        group, text = FLAGS[f.name]
         flag = "--" + f.name.replace("_", "-")
+        default = "(default: " + ("none" if f.default is None else str(f.default)) + ")"
+        if isinstance(f.default, tuple):
+            default = f"(default: {' '.join(map(str, f.default))})"
+        owners = f" [{', '.join(ONLY_FOR[f.name])}]" if f.name in ONLY_FOR else ""
+        suffix = "" if "default" in text else f" {default}"  # the text says it already
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": f"{text}{owners}{suffix}"}  # fmt: skip
         hint = str(f.type)
         if "bool" in hint:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif "tuple" in hint:
-            p.add_argument(flag, dest=f.name, type=int, nargs="+", default=None)
+            kwargs.update(type=int, nargs="+", metavar="N")
         elif "int" in hint:
-            p.add_argument(flag, dest=f.name, type=int, default=None)
+            kwargs.update(type=int, metavar="N")
         elif "float" in hint:
-            p.add_argument(flag, dest=f.name, type=float, default=None)
+            kwargs.update(type=float, metavar="X")
         else:
-            p.add_argument(flag, dest=f.name, type=str, default=None)
+            kwargs.update(type=str, choices=CHOICES.get(f.name), metavar=None)
+            if f.name not in CHOICES:
+                kwargs["metavar"] = "PATH" if f.name in ("data_root", "weights") else "S"
+        groups[group].add_argument(flag, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,8 +156,7 @@ def _train(args: argparse.Namespace) -> int:
     from metafunc.harness import PRESETS, train
 
     if args.list_presets:
-        for name, values in PRESETS.items():
-            print(f"{name}: {json.dumps(values)}")
+        _print_presets(PRESETS)
         return 0
     if args.resume:
         if args.iterations is not None:
@@ -158,6 +170,28 @@ def _train(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir}")
     train(cfg, run_dir, quiet=args.quiet)
     return 0
+
+
+def _print_presets(presets: dict[str, dict[str, Any]]) -> None:
+    """A table of the presets: name, paper, setting, the paper's iterations."""
+    from metafunc.harness.config import PRESET_PAPERS
+
+    rows = [("preset", "paper", "setting", "iterations")]
+    for name, values in presets.items():
+        paper = PRESET_PAPERS.get(name, "")
+        dataset = values.get("dataset", "sinusoid")
+        shape = (
+            ""
+            if dataset == "sinusoid"
+            else f" {values.get('ways', 5)}-way "
+            + (f"{values.get('eval_shots') or values.get('shots', 10)}-shot")
+        )
+        setting = f"{values.get('algorithm', 'maml')} {dataset}{shape}"
+        rows.append((name, paper, setting, f"{values.get('iterations', 5000):,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print("\nmetafunc train --preset NAME [--iterations N ...]: flags override a preset's keys.")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -411,3 +411,141 @@ def test_a_compiled_run_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert main(["train", "--run-dir", str(eager), *QUICK, "--strategy", "vmap"]) == 0
     c = _final(eager)  # the compiled run follows the eager one (float32 rounding apart)
     assert all(torch.allclose(a[k], c[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_every_flag_explains_itself_in_groups(capsys):
+    from dataclasses import fields
+
+    from metafunc.harness.config import CHOICES, FLAGS, GROUPS, Config
+
+    keys = {f.name for f in fields(Config)} - {"preset"}
+    assert keys == set(FLAGS), "every config key has a group and a help text"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for group in GROUPS:
+        assert f"{group} options:" in text
+    flat = " ".join(text.split())
+    for key in keys:
+        flag = "--" + key.replace("_", "-")
+        start = flat.index(f" {flag}", flat.index("task options:"))
+        entry = flat[start : start + 400]
+        assert "default" in entry, f"{flag} shows no default"
+        for choice in CHOICES.get(key, ()):
+            assert choice in entry, f"{flag} does not list {choice}"
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "owners"),
+    [
+        ("--train-ways", "10", "protonet"),
+        ("--inner-optimizer", "adam", "reptile, imaml, baseline"),
+        ("--anneal", None, "reptile"),
+        ("--lam", "3", "imaml"),
+        ("--cg-steps", "7", "imaml"),
+        ("--finetune", "all", "baseline"),
+        ("--weights", "w.safetensors", "baseline"),
+        ("--batch-size", "64", "baseline"),
+        ("--first-order", None, "maml, anil, metasgd, mamlpp"),
+        ("--inner-checkpoint", None, "maml, fomaml, metasgd"),
+    ],
+)
+def test_a_flag_of_another_algorithm_is_refused_naming_its_algorithms(capsys, flag, value, owners):
+    from metafunc.harness.config import ALGORITHMS, ONLY_FOR
+
+    key = flag[2:].replace("-", "_")
+    other = next(a for a in ALGORITHMS if a not in ONLY_FOR[key])
+    argv = ["train", "--algorithm", other, flag, *([value] if value else [])]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{key} ({flag}) applies to {owners}, not {other}" in err and "Traceback" not in err
+
+
+def test_missing_data_names_the_flags_that_fix_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("METAFUNC_DATA", raising=False)
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "--dataset", "omniglot", "--shots", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "--download" in err and "root=" not in err
+    (tmp_path / "empty").mkdir()
+    argv = ["train", "--dataset", "omniglot-lake", "--shots", "1", "--data-root"]
+    assert main([*argv, str(tmp_path / "empty"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "omniglot-py/images_" in err and "--download" in err and "download=True" not in err
+    assert main(["train", "--dataset", "cifar-fs", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-root" in err and "--download" not in err
+
+
+def _fake_omniglot_zip(folder: Path, stem: str, characters: int) -> str:
+    """An Omniglot-layout zip (``stem/<Alphabet>/<character>/*.png``); returns its md5."""
+    import hashlib
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    path = folder / f"{stem}.zip"
+    gen = torch.Generator().manual_seed(len(stem))
+    with zipfile.ZipFile(path, "w") as z:
+        for c in range(characters):
+            for d in range(20):
+                pixels = (torch.rand(105, 105, generator=gen) > 0.1).to(torch.uint8) * 255
+                buf = io.BytesIO()
+                Image.fromarray(pixels.numpy()).save(buf, format="PNG")
+                z.writestr(
+                    f"{stem}/Alphabet_{c % 2}/character{c:02d}/{c}_{d:02d}.png", buf.getvalue()
+                )
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_fetches_omniglot_from_a_server_and_trains(tmp_path, monkeypatch):
+    """--download through the command, against an HTTP server on 127.0.0.1 serving zips in
+    Omniglot's layout (their md5s stand in for the official ones)."""
+    import functools
+    import http.server
+    import threading
+
+    from metafunc.data import omniglot
+
+    served = tmp_path / "served"
+    served.mkdir()
+    for source, stem in (("background", "images_background"), ("evaluation", "images_evaluation")):
+        md5 = _fake_omniglot_zip(served, stem, characters=6)
+        monkeypatch.setitem(omniglot.OMNIGLOT_SOURCES, source, (stem, md5))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served))
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("METAFUNC_OMNIGLOT_URL", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+        root, run = tmp_path / "data", tmp_path / "run"
+        argv = ["train", "--dataset", "omniglot-lake", "--ways", "3", "--shots", "1",
+                "--queries", "2", "--eval-queries", "2", "--data-root", str(root),
+                "--download", "--run-dir", str(run), "--iterations", "2", "--meta-batch", "2",
+                "--eval-episodes", "4", "--eval-batch", "2", "--eval-inner-steps", "1",
+                "--report-steps", "0", "1", "--hidden", "4", "--strategy", "loop",
+                "--quiet"]  # fmt: skip
+        assert main(argv) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+    for stem in ("images_background", "images_evaluation"):
+        assert (root / "omniglot-py" / f"{stem}.zip").is_file()
+    assert (run / "eval.json").is_file()
+
+
+def test_list_presets_is_a_table(capsys):
+    assert main(["train", "--list-presets"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["preset", "paper", "setting", "iterations"]
+    row = next(line for line in out if line.startswith("maml-omniglot-20w1s"))
+    assert "Finn et al. 2017" in row and "20-way 1-shot" in row and "60,000" in row

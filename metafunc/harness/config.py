@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ALGORITHMS", "PRESETS", "Config", "ConfigError", "load_config_file"]
+__all__ = ["ALGORITHMS", "FLAGS", "PRESETS", "Config", "ConfigError", "load_config_file"]
 
 ALGORITHMS = (
     "maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "protonet", "baseline",
@@ -19,7 +19,10 @@ ALGORITHMS = (
 INNER_OPTIMIZERS = ("sgd", "adam")
 FINETUNE = ("head", "all")
 MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
-DATASETS = ("sinusoid", "omniglot", "omniglot-lake", "mini-imagenet", "cifar-fs")
+DATASETS = (
+    "sinusoid", "omniglot", "omniglot-lake", "omniglot-small1", "omniglot-small2",
+    "mini-imagenet", "cifar-fs",
+)  # fmt: skip
 STRATEGIES = ("auto", "vmap", "chunked", "loop", "threads")
 DTYPES = ("float32", "float64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
@@ -29,6 +32,75 @@ PRECISIONS = ("default", "ieee", "tf32", "bf16")
 
 class ConfigError(ValueError):
     """A user error in the configuration: reported without a traceback."""
+
+
+# What each key is, as `metafunc train --help` shows it: (group, help). Every key has one.
+FLAGS: dict[str, tuple[str, str]] = {
+    "algorithm": ("task", "the meta-learning algorithm"),
+    "dataset": ("task", "the benchmark (Omniglot, mini-ImageNet, CIFAR-FS need --data-root)"),
+    "ways": ("task", "classes per task (default 5; none for the sinusoid)"),
+    "shots": ("task", "support examples per class (sinusoid: support points)"),
+    "queries": ("task", "query examples per class (default 15; sinusoid: shots)"),
+    "data_root": ("task", "the folder holding the dataset (default $METAFUNC_DATA)"),
+    "download": ("task", "fetch Omniglot's official zips (md5-checked) into --data-root"),
+    "rotate_test": ("task", "Omniglot: test classes rotated by 90-degree multiples as new ones"),
+    "model": ("model", "the network; auto: mlp for the sinusoid, conv4 for images"),
+    "hidden": ("model", "hidden units / channels (default: the paper's)"),
+    "channels_last": ("model", "conv activations channels-last (default: on the CPU)"),
+    "inner_lr": ("inner loop", "the inner optimizer's learning rate"),
+    "inner_steps": ("inner loop", "inner steps per task in training"),
+    "first_order": ("inner loop", "detach the inner gradients (first-order)"),
+    "inner_checkpoint": ("inner loop", "recompute inner steps in the backward: memory flat"),
+    "meta_batch": ("outer loop", "tasks per meta-batch"),
+    "iterations": ("outer loop", "outer steps (meta-batches)"),
+    "outer_lr": ("outer loop", "the outer optimizer's learning rate"),
+    "seed": ("outer loop", "seed of the initial parameters and the tasks"),
+    "eval_shots": ("evaluation", "support examples per class in evaluation"),
+    "eval_queries": ("evaluation", "query examples per class in evaluation (default: queries)"),
+    "eval_inner_steps": ("evaluation", "inner steps at test time"),
+    "report_steps": ("evaluation", "inner steps after which the test metrics are reported"),
+    "eval_episodes": ("evaluation", "fixed test episodes of the final evaluation"),
+    "eval_batch": ("evaluation", "test episodes per batch"),
+    "device": ("speed", "cpu or cuda[:N]"),
+    "dtype": ("speed", "floating dtype of the parameters and data"),
+    "threads": ("speed", "torch intra-op threads (default: 1 for the sinusoid)"),
+    "strategy": ("speed", "how tasks map: auto times the others on this run's work"),
+    "chunk_size": ("speed", "tasks per vmap chunk, with --strategy chunked"),
+    "compile": ("speed", "torch.compile the training step; auto: when it pays"),
+    "precision": ("speed", "float32 compute: bf16 autocast, tf32 on CUDA, or ieee"),
+    "log_every": ("run folder", "steps between metrics.jsonl lines"),
+    "checkpoint_every": ("run folder", "steps between checkpoints"),
+    "keep_checkpoints": ("run folder", "checkpoints kept"),
+    "train_ways": ("algorithm-specific", "ProtoNets: ways of the training episodes"),
+    "inner_optimizer": ("algorithm-specific", "Reptile, iMAML, baseline: sgd or adam"),
+    "anneal": ("algorithm-specific", "Reptile: outer step size annealed linearly to 0"),
+    "lam": ("algorithm-specific", "iMAML: proximal weight lambda"),
+    "cg_steps": ("algorithm-specific", "iMAML: conjugate-gradient steps"),
+    "finetune": ("algorithm-specific", "baseline: fine-tune the head or all"),
+    "weights": ("algorithm-specific", "baseline: a pretrained backbone file"),
+    "batch_size": ("algorithm-specific", "baseline (classification): images per step"),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS, "strategy": STRATEGIES,
+    "dtype": DTYPES, "inner_optimizer": INNER_OPTIMIZERS, "finetune": FINETUNE,
+    "precision": PRECISIONS, "compile": COMPILE_CHOICES,
+}  # fmt: skip
+GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "run folder",
+          "algorithm-specific")  # fmt: skip
+
+# keys that only some algorithms read: setting one for another algorithm is refused
+ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "train_ways": ("protonet",),
+    "inner_optimizer": ("reptile", "imaml", "baseline"),
+    "anneal": ("reptile",),
+    "lam": ("imaml",),
+    "cg_steps": ("imaml",),
+    "finetune": ("baseline",),
+    "weights": ("baseline",),
+    "batch_size": ("baseline",),
+    "first_order": ("maml", "anil", "metasgd", "mamlpp"),
+    "inner_checkpoint": ("maml", "fomaml", "metasgd"),
+}
 
 
 @dataclass(frozen=True)
@@ -104,6 +176,7 @@ class Config:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     data_root: str | None = None
+    download: bool = False
     preset: str | None = None
 
     def __post_init__(self) -> None:
@@ -123,6 +196,19 @@ class Config:
                 raise ConfigError(f"config: {name} must be an integer {bound}, got {value!r}.")
 
         choice("algorithm", ALGORITHMS)
+        defaults = {f.name: f.default for f in fields(self)}
+        for key, owners in ONLY_FOR.items():
+            if self.algorithm not in owners and getattr(self, key) != defaults[key]:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(
+                    f"config: {key} ({flag}) applies to {', '.join(owners)}, not "
+                    f"{self.algorithm}; drop it, or pick one of those algorithms."
+                )
+        if self.download and not self.dataset.startswith("omniglot"):
+            raise ConfigError(
+                f"config: download (--download) fetches Omniglot; {self.dataset} is read from "
+                "--data-root."
+            )
         choice("dataset", DATASETS)
         choice("model", MODELS)
         choice("strategy", STRATEGIES)
@@ -313,6 +399,20 @@ _PROTONET = {
     **_OMNIGLOT_1S, "algorithm": "protonet", "train_ways": 60, "queries": 5, "eval_queries": 5,
     "meta_batch": 1, "eval_inner_steps": 0, "report_steps": [0], "iterations": 20000,
 }  # fmt: skip
+PRESET_PAPERS: dict[str, str] = {
+    "maml-sinusoid": "Finn et al. 2017",
+    "baseline-sinusoid": "Finn et al. 2017 (baseline)",
+    "maml-omniglot-5w1s": "Finn et al. 2017",
+    "maml-omniglot-20w1s": "Finn et al. 2017",
+    "fomaml-omniglot-5w1s": "Finn et al. 2017",
+    "fomaml-omniglot-20w1s": "Finn et al. 2017",
+    "anil-omniglot-20w1s": "Raghu et al. 2019",
+    "mamlpp-omniglot-20w1s": "Antoniou et al. 2019",
+    "protonet-omniglot-5w1s": "Snell et al. 2017",
+    "protonet-omniglot-20w1s": "Snell et al. 2017",
+    "reptile-omniglot-5w1s": "Nichol et al. 2018",
+    "baseline-omniglot-5w1s": "Chen et al. 2019",
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "maml-sinusoid": {**_SINUSOID},
     # Finn et al.: pretrained on all tasks, fine-tuned by SGD (their step size was tuned; 0.01 here)

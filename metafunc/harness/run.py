@@ -185,25 +185,41 @@ def build(cfg: Config) -> Run:
     dtype = getattr(torch, cfg.dtype)
     root = cfg.data_root
     if root is not None and not Path(root).is_dir():
-        raise ConfigError(f"config: data_root={root!r} does not exist.")
+        if not cfg.download:
+            raise ConfigError(
+                f"config: data_root={root!r} (--data-root) does not exist; pass the folder "
+                "holding the dataset" + (", or add --download to fetch Omniglot into it."
+                                         if cfg.dataset.startswith("omniglot") else ".")
+            )  # fmt: skip
+        Path(root).mkdir(parents=True)
     common: dict[str, Any] = {"device": device, "dtype": dtype}
     options: dict[str, Any] = {}
     if cfg.dataset.startswith("omniglot") and cfg.rotate_test:
         options["eval_rotations"] = (0, 90, 180, 270)
+    if cfg.download:  # Omniglot's official zips (a mirror: $METAFUNC_OMNIGLOT_URL)
+        options["download"] = True
+        mirror = os.environ.get("METAFUNC_OMNIGLOT_URL")
+        if mirror:
+            options["base_url"] = mirror
     ways = None if cfg.is_regression else (cfg.ways or 5)
     train_kw = dict(common) if ways is None else {**common, "ways": cfg.train_ways or ways}
     test_kw = dict(common) if ways is None else {**common, "ways": ways}
-    train = get_benchmark(
-        cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **train_kw, **options
-    ).train
-    test = get_benchmark(
-        cfg.dataset,
-        root,
-        shots=cfg.eval_shots or cfg.shots,
-        queries=cfg.eval_queries or cfg.queries,
-        **test_kw,
-        **options,
-    ).test
+    try:
+        train = get_benchmark(
+            cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **train_kw, **options
+        ).train
+        test = get_benchmark(
+            cfg.dataset,
+            root,
+            shots=cfg.eval_shots or cfg.shots,
+            queries=cfg.eval_queries or cfg.queries,
+            **test_kw,
+            **options,
+        ).test
+    except (FileNotFoundError, ValueError) as error:
+        if not _missing_data(error):
+            raise
+        raise ConfigError(_data_help(cfg, error)) from None
     if cfg.precision in ("ieee", "tf32"):
         torch.backends.cuda.matmul.fp32_precision = cfg.precision
         torch.backends.cudnn.conv.fp32_precision = cfg.precision  # type: ignore[attr-defined]
@@ -212,6 +228,27 @@ def build(cfg: Config) -> Run:
     if isinstance(alg, algorithms.ProtoNet):  # the test shots may differ from the training shots
         eval_alg = dataclasses.replace(alg, shots=cfg.eval_shots or cfg.shots)
     return Run(cfg, alg, eval_alg, train, test, device, dtype)
+
+
+def _missing_data(error: Exception) -> bool:
+    """Whether a benchmark loader's error says the data is not there."""
+    text = str(error)
+    return isinstance(error, FileNotFoundError) or "no data folder" in text
+
+
+def _data_help(cfg: Config, error: Exception) -> str:
+    """What a user of the command does about missing data: the flags, not the library's
+    arguments."""
+    where = cfg.data_root or os.environ.get("METAFUNC_DATA")
+    found = f"looked in {where}" if where else "no --data-root given and METAFUNC_DATA unset"
+    fix = "pass --data-root FOLDER (the folder holding the dataset's own folder)"
+    if cfg.dataset.startswith("omniglot"):
+        fix += ", or add --download to fetch Omniglot's official zips (md5-checked) into it"
+    if "no data folder" in str(error):
+        return f"train: the {cfg.dataset} data is missing ({found}); {fix}."
+    detail = str(error).split(": ", 1)[-1]  # which file, in the command's words
+    detail = detail.replace("pass download=True", "add --download").replace("root=", "--data-root ")
+    return f"train: the {cfg.dataset} data is missing ({found}); {fix}. In detail: {detail}"
 
 
 def pretrains(run: Run) -> bool:
