@@ -135,9 +135,9 @@ def _caller_on_one_thread() -> Iterator[None]:
     """The calling thread's ops on one intra-op thread while the workers compute its tasks.
 
     Its OpenMP team would otherwise spin-wait after every op it runs between results (summing
-    them, mostly), on the cores the workers need. 20-way MAML, 16 tasks on two workers, 2-core
-    EPYC VM: 1.556 s against 1.727 s a meta-batch (1.12x by round; ``OMP_WAIT_POLICY=PASSIVE``
-    gave the same, but must be set before OpenMP starts). Nested or interleaved results on one
+    them, mostly), on the cores the workers need. ``OMP_WAIT_POLICY=PASSIVE`` would do the same,
+    but must be set before OpenMP starts, which a library cannot arrange (measurements: HISTORY
+    "The caller's OpenMP team spun on the workers' cores"). Nested or interleaved results on one
     thread (two ``run_tasks`` consumed together) restore the setting when the last one ends;
     a thread that first uses torch meanwhile starts with one intra-op thread too (torch's
     default for new threads follows ``set_num_threads``)."""

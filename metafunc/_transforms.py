@@ -10,7 +10,7 @@ __all__ = ["any_transform", "under_grad", "under_vmap"]
 def _keys() -> list[str] | None:
     """The names of the active transforms, innermost last (``'Grad'``, ``'Vmap'``...), or
     ``None`` when they cannot be read. Read from torch's C++ interpreter stack: the Python
-    wrappers of ``retrieve_all_functorch_interpreters`` cost several microseconds a call, and
+    wrappers of ``retrieve_all_functorch_interpreters`` add Python work to every call, and
     batch norms ask at every layer."""
     import torch
 

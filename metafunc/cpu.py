@@ -3,11 +3,11 @@
 A meta-batch on the CPU allocates and frees thousands of activation buffers of one to a few
 MiB per task. glibc's default ``malloc`` serves buffers that size with fresh ``mmap`` pages, or
 returns the freed top of its heap to the system, so every meta-batch pays the kernel to zero
-the same memory again: 40,000-120,000 page faults per Omniglot 5-way meta-batch on 2 cores,
-and under the ``'threads'`` strategy the workers contend for the process's memory map while
-they fault. ``tune_cpu_allocator`` has glibc keep that memory instead (``mallopt``). The
-``metafunc train`` and ``metafunc eval`` commands call it; call it yourself at the start of a
-script, before starting threads.
+the same memory again, in page faults, and under the ``'threads'`` strategy the workers contend
+for the process's memory map while they fault (measurements: HISTORY "The allocator").
+``tune_cpu_allocator`` has glibc keep that memory instead (``mallopt``). The ``metafunc train``
+and ``metafunc eval`` commands call it; call it yourself at the start of a script, before
+starting threads.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["MALLOC_ENV", "OPT_OUT_ENV", "environment_allocator", "tune_cpu_alloc
 
 #: glibc's environment variable for each setting, with ``tune_cpu_allocator``'s value. Exported
 #: before a process starts, they give it the same settings; when any is set, it wins.
-MALLOC_ENV = {
+MALLOC_ENV = {  # page faults vs memory kept after a peak, see HISTORY "The allocator"
     "MALLOC_MMAP_THRESHOLD_": 32 << 20,
     "MALLOC_TRIM_THRESHOLD_": 512 << 20,
     "MALLOC_TOP_PAD_": 64 << 20,
@@ -67,9 +67,8 @@ def tune_cpu_allocator(
 
     Allocations below ``mmap_threshold`` bytes come from the heap (not from fresh ``mmap``
     pages), up to ``trim_threshold`` bytes of free memory stay with each allocator arena, and
-    the heap grows ``top_pad`` bytes beyond each request. On a 2-core Xeon, Omniglot 5-way
-    1-shot MAML (32 tasks, ``'threads'``) goes from 40,000-120,000 page faults per meta-batch to
-    1,500-4,000; ``benchmarks/results/`` has the timings.
+    the heap grows ``top_pad`` bytes beyond each request, so a meta-batch reuses the previous
+    one's pages instead of faulting in fresh ones (measurements: HISTORY "The allocator").
 
     The cost: after a peak, up to ``trim_threshold`` bytes per arena stay resident (glibc makes
     up to 8 arenas per core as threads allocate; ``MALLOC_ARENA_MAX`` caps them). The settings

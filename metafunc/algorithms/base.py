@@ -143,8 +143,8 @@ def gradient(
     """``(gradient of objective's loss w.r.t. tree, loss, metrics)`` for ``objective(tree) ->
     (loss, metrics)``, by :func:`metafunc.inner.grad_with_aux`: inside a ``torch.func``
     transform by ``torch.func.grad``, so it composes; at the top level by ``torch.autograd.grad``,
-    the same gradient with one autograd level fewer (about 15% faster and a third less memory
-    for a conv4 MAML step on the CPU).
+    the same gradient with one autograd level fewer, so less time and memory (measurements:
+    HISTORY "gradient() at the top level").
     """
 
     def wrapped(t: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, Any]]:
@@ -571,10 +571,10 @@ def tune_strategy(
     :func:`metafunc.task_map`.
 
     ``strategy='auto'`` is a rule by device (:func:`metafunc.default_strategy`); which strategy
-    wins depends on the machine, the model and the task size (on one 2-core VM the CPU threads
-    beat the loop by 1.02x at 5-way 1-shot and 1.31x at 20-way), so this times them on your own
-    work: every candidate runs ``step`` once to warm up (and compile, where ``step`` compiles),
-    then ``repeats`` rounds time each candidate once, in turn, each round starting one
+    wins depends on the machine, the model and the task size (HISTORY "The `-evening` run"),
+    so this times them on your own work: every candidate runs ``step`` once to warm up (and
+    compile, where ``step`` compiles), then ``repeats`` rounds time each candidate once, in
+    turn, each round starting one
     candidate later (so a host whose speed drifts, or a candidate that leaves the allocator in
     a state the next one pays for, shifts them all alike), and the median of its rounds
     counts. A candidate that runs out of memory (``torch.OutOfMemoryError``, or the CPU

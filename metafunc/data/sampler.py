@@ -20,7 +20,8 @@ from metafunc.data.dataset import ClassImages
 
 __all__ = ["EpisodeSampler", "TaskSampler"]
 
-_FLOAT_LIMIT = 512 << 20  # bytes: largest normalised copy storage="auto" makes
+# storage="auto"'s cap on the float copy, bytes: speed vs memory, HISTORY "sampler float storage"
+_FLOAT_LIMIT = 512 << 20
 
 
 class TaskSampler(Protocol):
@@ -74,10 +75,10 @@ class EpisodeSampler:
         device: where images and batches live (default: the images' device).
         dtype: floating dtype of the returned images.
         storage: ``"uint8"`` keeps the images as bytes and normalises each batch after the gather;
-            ``"float"`` normalises all images once, so a batch is a single gather (about half
-            the time on CPU, 4x the memory for float32); ``"auto"`` (default) picks ``"float"``
-            when that copy takes at most 512 MiB (e.g. Omniglot), else ``"uint8"``. Batches are
-            bitwise identical either way.
+            ``"float"`` normalises all images once, so a batch is a single gather (faster, at
+            4x the memory for float32; HISTORY "sampler float storage"); ``"auto"`` (default)
+            picks ``"float"`` when that copy takes at most 512 MiB (e.g. Omniglot), else
+            ``"uint8"``. Batches are bitwise identical either way.
 
     Output of :meth:`sample`: ``TaskBatch`` with ``support_x [T, N*K, C, H, W]``, ``support_y
     [T, N*K]`` int64, ``query_x [T, N*Q, C, H, W]``, ``query_y [T, N*Q]``; examples are grouped

@@ -153,7 +153,8 @@ def batch_norm(
     ``F.batch_norm`` in training mode gives wrong second-order gradients under
     ``torch.func.vmap`` on torch 2.14 (functorch#534); under ``vmap`` this version uses the
     primitive ops, which are exact (tested against a per-task loop), and elsewhere the fused
-    ``F.batch_norm`` (exact there, about half the memory of the double-backward graph).
+    ``F.batch_norm`` (exact there, and leaner than the primitive ops' double-backward graph;
+    HISTORY "fused batch norm outside vmap").
 
     With ``training`` (or without running statistics) it normalises with the batch's own
     statistics and, when running statistics are given, returns them updated as
@@ -162,11 +163,12 @@ def batch_norm(
 
     A channels-last ``x`` on the CPU (what :func:`conv2d` makes there by default) is
     normalised as the ``[pixels, channels]`` matrix it is in memory, where the CPU kernels run
-    2-10x faster than on the strided 4-D view. Where autograd records it, outside
-    ``torch.func`` transforms, that is :class:`_RowBatchNorm`: torch's fused kernel for this
-    layout sums each channel in one float32 running sum (about 1e-6 relative error against
-    1e-7 in the default layout, which five second-order inner steps amplify into a visibly
-    different meta-gradient), so the statistics come from torch's pairwise reductions instead.
+    faster than on the strided 4-D view (HISTORY "Channels-last convolutions"). Where autograd
+    records it, outside ``torch.func`` transforms, that is :class:`_RowBatchNorm`: torch's
+    fused kernel for this layout sums each channel in one float32 running sum (about 1e-6
+    relative error against 1e-7 in the default layout, which five second-order inner steps
+    amplify into a visibly different meta-gradient), so the statistics come from torch's
+    pairwise reductions instead.
     Elsewhere (a forward-only pass; inside a transform, where a custom autograd function would
     need rules of its own) it is the fused kernel.
 
@@ -422,10 +424,8 @@ def _column_sum(x: torch.Tensor) -> torch.Tensor:
     torch splits a reduction over dim 0 by columns, so each thread reads part of every row,
     half of them (with two threads) just written by the other core in the elementwise op before;
     its reductions over the leading dim of ``[threads, rows / threads, channels]`` split by
-    slabs, the rows each thread wrote. On a 2-core EPYC VM, a 14,700 x 64 sum straight after
-    an elementwise op took 0.93-0.96 ms one way and 0.08-0.09 ms the other (0.14 ms on one
-    thread); a second-order MAML meta-batch at Omniglot 5-way 1-shot (mb 32, two threads, one
-    process, alternating) 0.628 s against 0.676 s. Sums by torch's pairwise cascade either way."""
+    slabs, so each thread reads the rows it wrote (measurements: HISTORY "Reductions split as
+    the data was written"). Sums by torch's pairwise cascade either way."""
     rows, slabs = x.shape[0], torch.get_num_threads()
     if slabs == 1 or rows < 2 * slabs:
         return x.sum(0)
@@ -556,12 +556,11 @@ class _Conv2d(torch.autograd.Function):
     """``F.conv2d(x, weight, bias, stride, padding)`` whose backward under ``create_graph`` is
     :class:`_ConvGrads`, so that a double backward (second-order MAML) computes the gradient
     of the weight gradient by oneDNN's weight-gradient kernel: torch's own double backward
-    does it as a dilated convolution over the batch, at a fraction of the speed. A conv4 MAML
-    meta-batch at Omniglot 20-way 1-shot with 5 steps, 2 threads, in one process: 2.68 s
-    against 2.79 s (medians of 8; 1.12x by the median ratio per round). A first-order backward
-    is torch's own single call. Tested in float64 against finite differences and, to the third
-    order, against ``F.conv2d``. Not under autocast (whose casts a custom function would have
-    to repeat) nor where :func:`_differentiated` says no."""
+    does it as a dilated convolution over the batch, a slower kernel (measurements: HISTORY
+    "The convolutions' double backward"). A first-order backward is torch's own single call.
+    Tested in float64 against finite differences and, to the third order, against
+    ``F.conv2d``. Not under autocast (whose casts a custom function would have to repeat) nor
+    where :func:`_differentiated` says no."""
 
     @staticmethod
     def forward(
@@ -634,10 +633,9 @@ class _ConvGrads(torch.autograd.Function):
 
 
 # conv2d(channels_last=None) converts a default-layout input of at least this many pixels
-# (batch x height x width). Measured on a 2-core Xeon, conv4 forward and backward at 28x28,
-# first / second order, one thread: 5 images 0.86x / 0.91x the default layout's speed, 10
-# images 0.96x / 1.12x, 20 images 1.05x / 1.10x. Below it the layout's fixed costs per layer
-# (conversions, the accurate batch norm's extra ops) outweigh the faster convolutions.
+# (batch x height x width): below it the layout's fixed costs per layer (conversions, the
+# accurate batch norm's extra ops) outweigh the faster convolutions.
+# fixed costs vs faster convolutions, see HISTORY "Channels-last convolutions"
 CHANNELS_LAST_MIN_PIXELS = 4096
 
 

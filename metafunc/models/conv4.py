@@ -49,10 +49,9 @@ def conv4(
     Convolutions and head are Glorot-uniform with zero biases, batch norm weight 1, bias 0.
     ``channels_last`` is the activations' memory format (:func:`metafunc.models.base.conv2d`).
     ``None``, the default: channels-last on the CPU, where oneDNN's convolutions are faster on
-    it (a second-order MAML meta-batch at Omniglot 20-way 1-shot with 5 steps about 0.8x the
-    default layout's time, 2 threads), for batches of at least
+    it (HISTORY "channels-last conv4 by default"), for batches of at least
     :data:`~metafunc.models.base.CHANNELS_LAST_MIN_PIXELS` pixels (smaller ones, such as
-    Reptile's 5-image inner batches, were faster in the default layout), and the default
+    Reptile's 5-image inner batches, run faster in the default layout), and the default
     layout elsewhere. ``True``: channels-last on every device and batch; ``False``: never.
     Batch norm keeps the default layout's float32 accuracy
     (:func:`~metafunc.models.base.batch_norm`); float64 values are the same in all three.
