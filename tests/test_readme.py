@@ -146,3 +146,31 @@ def test_cavia_example_compiles_unchanged(monkeypatch):
         finals.append(state.meta)
     assert step.whole
     assert rel_err(finals[1], finals[0]) <= 1e-12
+
+
+@pytest.mark.slow
+def test_the_commands_run_as_printed(tmp_path, data_root, monkeypatch):
+    """The README's command block, line by line, in a fresh folder (Omniglot from
+    ``METAFUNC_DATA``)."""
+    import shlex
+    import subprocess
+
+    text = README.read_text(encoding="utf-8")
+    body = text[text.index("## The command") :]
+    block = re.search(r"```bash\n(.*?)```", body, re.S)
+    assert block is not None
+    lines = [line.split("#")[0].strip() for line in block.group(1).splitlines()]
+    commands = [line for line in lines if line.startswith("metafunc ")]
+    assert len(commands) >= 4
+    exe = Path(sys.executable).with_name("metafunc")
+    env = {**__import__("os").environ, "METAFUNC_DATA": str(data_root)}
+    for command in commands:
+        argv = [str(exe), *shlex.split(command)[1:]]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+    assert (tmp_path / "runs" / "omni" / "eval.json").is_file()
+
+
+def test_the_readme_is_a_newcomers_page():
+    assert len(README.read_text(encoding="utf-8").splitlines()) <= 200

@@ -174,7 +174,8 @@ def omniglot_splits(
     base_url: str = OMNIGLOT_URL,
     workers: int | None = None,
 ) -> ClassSplits:
-    """Omniglot's train / validation / test characters for a named split (module docs).
+    """Omniglot's train / validation / test characters for a named split (module docs). The
+    arguments not listed here are :func:`load_omniglot`'s.
 
     Args:
         split: one of :data:`OMNIGLOT_SPLITS`.
@@ -182,7 +183,6 @@ def omniglot_splits(
             ``split_seed``; default 100 for ``"vinyals"`` and 0 (no validation set, as in Lake et
             al.) for the others.
         split_seed: seed of the permutation that assigns characters to splits.
-        The other arguments are :func:`load_omniglot`'s.
     """
     call = f"omniglot_splits(split={split!r})"
     if split not in OMNIGLOT_SPLITS:
