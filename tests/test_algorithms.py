@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 from metafunc import TaskBatch, conv4, from_module, mlp, optim, tree
 from metafunc._transforms import any_transform
-from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, MAMLPlusPlus, MetaSGD
+from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, MAMLPlusPlus, MetaSGD, shared_step
 from metafunc.algorithms.mamlpp import msl_weights
+from metafunc.algorithms.shared_step import shares_first_step
 
 LR = 0.3
 
@@ -103,14 +104,14 @@ PER_TASK = [("loop", True), ("loop", False), ("vmap", True), ("threads", True), 
 def takes_shared_path(alg, meta, batch, monkeypatch, expected):
     """Count the calls of MAML's shared-first-step path, and check it is taken as expected."""
     calls = []
-    original = MAML._meta_grad_shared_first
+    original = shared_step.shared_first_step_grad
 
-    def counted(self, *args):
+    def counted(*args):
         calls.append(1)
-        return original(self, *args)
+        return original(*args)
 
-    monkeypatch.setattr(MAML, "_meta_grad_shared_first", counted)
-    assert alg._shares_first_step(meta, batch) == expected
+    monkeypatch.setattr(shared_step, "shared_first_step_grad", counted)
+    assert shares_first_step(alg, meta, batch) == expected
     return calls
 
 
@@ -157,7 +158,7 @@ def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, steps, monk
     reference's, and each chunk's first step is computed once (one vmapped support pass per
     chunk, none repeated for the second-order term; with one step, the chunk's update batched
     and no support pass per task)."""
-    monkeypatch.setattr(MAML, "SHARED_STEP_TASKS", 2)
+    monkeypatch.setattr(shared_step, "SHARED_STEP_TASKS", 2)
     alg = cls(
         conv4(3, hidden=6), inner_lr=LR, inner_steps=steps, strategy=strategy,
         shared_first_step=True,
@@ -192,34 +193,34 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
     the generic path, which composes; the result is the same."""
     alg = MAML(conv4(3, hidden=6), inner_lr=LR, inner_steps=1, strategy="loop")
     meta = alg.init(gen, dtype=torch.float64)
-    assert alg._shares_first_step(meta, batch)
-    assert not dataclasses.replace(alg, strategy="vmap")._shares_first_step(meta, batch)
-    assert not dataclasses.replace(alg, checkpoint=True)._shares_first_step(meta, batch)
-    assert not dataclasses.replace(alg, shared_first_step=False)._shares_first_step(meta, batch)
+    assert shares_first_step(alg, meta, batch)
+    assert not shares_first_step(dataclasses.replace(alg, strategy="vmap"), meta, batch)
+    assert not shares_first_step(dataclasses.replace(alg, checkpoint=True), meta, batch)
+    assert not shares_first_step(dataclasses.replace(alg, shared_first_step=False), meta, batch)
     # the default (None) shares it for a one-step inner loop whose tasks then run per task:
     # 'loop', 'threads', and 'auto' on the CPU; True also for more steps
     cases = [("threads", 1, True), ("loop", 2, False), ("auto", 1, True), ("auto", 2, False)]
     cases += [("threads", 2, False)]
     for strategy, steps, shares in cases:
         other = dataclasses.replace(alg, strategy=strategy, inner_steps=steps)
-        assert other._shares_first_step(meta, batch) == shares, (strategy, steps)
-        assert dataclasses.replace(other, shared_first_step=True)._shares_first_step(meta, batch)
+        assert shares_first_step(other, meta, batch) == shares, (strategy, steps)
+        assert shares_first_step(dataclasses.replace(other, shared_first_step=True), meta, batch)
     # ... only for small support sets (here 6 examples a task) ...
-    assert MAML.SHARED_STEP_MAX_SUPPORT >= 6
+    assert shared_step.SHARED_STEP_MAX_SUPPORT >= 6
     small = dataclasses.replace(alg, strategy="auto")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(MAML, "SHARED_STEP_MAX_SUPPORT", 5)
-        assert not small._shares_first_step(meta, batch)
-        assert dataclasses.replace(small, shared_first_step=True)._shares_first_step(meta, batch)
+        patch.setattr(shared_step, "SHARED_STEP_MAX_SUPPORT", 5)
+        assert not shares_first_step(small, meta, batch)
+        assert shares_first_step(dataclasses.replace(small, shared_first_step=True), meta, batch)
     # ... and only for a model known exact under vmap: from_module's stay per task unless asked
     unknown = dataclasses.replace(alg, model=dataclasses.replace(alg.model, vmap_exact=False))
-    assert not unknown._shares_first_step(meta, batch)
-    assert dataclasses.replace(unknown, shared_first_step=True)._shares_first_step(meta, batch)
+    assert not shares_first_step(unknown, meta, batch)
+    assert shares_first_step(dataclasses.replace(unknown, shared_first_step=True), meta, batch)
     assert not from_module(torch.nn.Linear(3, 2)).vmap_exact and alg.model.vmap_exact
     needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
-    assert not alg._shares_first_step(needs, batch)
+    assert not shares_first_step(alg, needs, batch)
     with torch.no_grad():
-        assert alg._shares_first_step(needs, batch)
+        assert shares_first_step(alg, needs, batch)
     expected, _, _ = alg.meta_grad(meta, batch)
     # the meta-gradient of the meta-loss, taken by torch.func.grad around meta_loss
     outer = torch.func.grad(lambda m: alg.meta_loss(m, batch)[0])(meta)
