@@ -59,6 +59,7 @@ def custom_root(
     maxiter: int = 100,
     ridge: float = 0.0,
     strict: bool = False,
+    symmetric: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make ``solver(init, *args) -> x`` differentiable in ``args`` by the implicit function
     theorem, given ``optimality_fn(x, *args) -> residual`` (a tree shaped like ``x``) that is
@@ -71,6 +72,10 @@ def custom_root(
     at ``tol``, ``maxiter`` and ``ridge`` (damping, added to ``∂F/∂x``), then gives ``args`` the
     vector-Jacobian product of ``F`` with ``u``. Works under ``torch.autograd``,
     ``torch.func.grad``, ``vjp`` and ``vmap`` (over many problems at once).
+
+    With ``symmetric`` (``∂F/∂x`` symmetric, as the Hessian of a minimisation is), the backward
+    multiplies by ``∂F/∂x`` by forward-over-reverse differentiation (``jvp`` of ``F``), usually
+    faster than the reverse-over-reverse product it takes otherwise.
 
     A backward solve that ends above ``tol`` warns once (with ``strict``, raises), naming the
     residual and the tolerance; it is checked outside ``vmap`` (whose batched values cannot be
@@ -127,10 +132,19 @@ def custom_root(
                         ]
                     )
                     held = rebuild(tuple(tensors))
-                    residual, transpose = torch.func.vjp(lambda z: optimality_fn(z, *held), x)  # type: ignore[misc]
+
+                    def at(z: Any) -> Any:
+                        return optimality_fn(z, *held)
+
+                    residual, transpose = torch.func.vjp(at, x)  # type: ignore[misc]
                     _check_structure(where, "optimality_fn's output", residual, x)
-                    u, info = solve(lambda v: transpose(v)[0], mt.scale(-1.0, cotangent),
-                                    **solve_kw)  # fmt: skip
+
+                    def product(v: Any) -> Any:
+                        if symmetric:  # forward-over-reverse
+                            return torch.func.jvp(at, (x,), (v,))[1]
+                        return transpose(v)[0]
+
+                    u, info = solve(product, mt.scale(-1.0, cotangent), **solve_kw)
                     _report(where, info, tol, strict)
                     _, pull = torch.func.vjp(lambda *ts: optimality_fn(x, *rebuild(ts)), *tensors)  # type: ignore[misc]
                     return pull(u)

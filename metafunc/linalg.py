@@ -11,9 +11,9 @@ product, say) and solved without forming ``A``. Every solver:
 - returns ``(x, SolveInfo)``: the solution and its final relative residual, so a caller can
   report it in its metrics.
 
-``cg`` (conjugate gradient) needs a symmetric positive-definite ``A``: it watches the curvature
-``p·Ap`` along its search directions, and where one is not positive it stops there and says
-which damping would make the system definite. ``normal_cg`` solves a non-symmetric system
+``cg`` (conjugate gradient) is for a symmetric, ideally positive-definite ``A``: it watches the
+curvature ``p·Ap`` along its search directions and, where one is not positive, says which
+damping would make the system definite. ``normal_cg`` solves a non-symmetric system
 through ``AᵀA x = Aᵀb`` (``Aᵀ`` by a vector-Jacobian product of ``matvec``), ``bicgstab`` solves
 it directly, ``neumann`` sums the series ``x = α Σ (I - α A)^k b`` (for ``||I - αA|| < 1``), and
 ``dense`` forms ``A`` column by column and solves exactly (small systems, and tests).
@@ -22,6 +22,7 @@ it directly, ``neumann`` sums the series ``x = α Σ (I - α A)^k b`` (for ``||I
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,7 @@ from metafunc._transforms import under_vmap
 __all__ = ["SolveInfo", "bicgstab", "cg", "dense", "neumann", "normal_cg"]
 
 MatVec = Callable[[Any], Any]
+_WARNED: set[str] = set()
 
 
 class SolveInfo(NamedTuple):
@@ -83,14 +85,23 @@ def _check_args(call: str, b: Any, tol: float, maxiter: int, ridge: float) -> No
 
 
 def cg(
-    matvec: MatVec, b: Any, *, tol: float = 1e-10, maxiter: int = 100, ridge: float = 0.0
+    matvec: MatVec,
+    b: Any,
+    *,
+    tol: float = 1e-10,
+    maxiter: int = 100,
+    ridge: float = 0.0,
+    strict: bool = False,
 ) -> tuple[Any, SolveInfo]:
-    """Conjugate gradient for a symmetric positive-definite ``A`` (a Hessian at a minimum),
-    from ``x = 0``: at most ``maxiter`` products, until the relative residual is ``tol``.
+    """Conjugate gradient for a symmetric ``A`` (a Hessian), from ``x = 0``: at most ``maxiter``
+    products, until the relative residual is ``tol``.
 
-    A search direction of non-positive curvature (``p·Ap <= 0``: ``A + ridge I`` is indefinite
-    or singular) stops the iteration there; eagerly that raises ``ValueError`` naming the
-    curvature met and a ``ridge`` that would make it positive.
+    CG is made for a positive-definite ``A``. It watches the curvature ``p·Ap / p·p`` of its
+    search directions: a non-positive one means ``A + ridge I`` is indefinite or singular,
+    where CG may still converge (a symmetric system without breakdown) or wander. Eagerly that
+    warns once (``strict``: raises ``ValueError``), naming the curvature met and the ``ridge``
+    that would make that direction positive; a zero curvature (breakdown) freezes the iterate,
+    so the result is never NaN.
     """
     call = "linalg.cg(matvec, b)"
     _check_args(call, b, tol, maxiter, ridge)
@@ -100,35 +111,52 @@ def cg(
     rs = mt.vdot(r, r)
     stop = (tol * tol) * rs
     curvature = torch.full_like(rs, float("inf"))
-    definite = torch.ones_like(rs, dtype=torch.bool)
     steps = 0
     for steps in range(1, maxiter + 1):  # noqa: B007 - steps is reported
         ap = op(p)
         p_ap = mt.vdot(p, ap)
         p_p = mt.vdot(p, p)
-        active = (rs > stop) & definite
-        curvature = torch.where(active, torch.minimum(curvature, _safe_div(p_ap, p_p, p_p > 0)),
-                                curvature)  # fmt: skip
-        definite = definite & ~(active & (p_ap <= 0))
-        active = active & definite
+        active = (rs > stop) & (p_ap != 0)
+        seen = _safe_div(p_ap, p_p, p_p > 0)
+        curvature = torch.where(active, torch.minimum(curvature, seen), curvature)
         alpha = _safe_div(rs, p_ap, active)
         x = mt.axpy(alpha, p, x)
         r = mt.axpy(-alpha, ap, r)
         rs_new = mt.vdot(r, r)
         p = mt.axpy(_safe_div(rs_new, rs, active), p, r)
         rs = torch.where(active, rs_new, rs)
-        if _eager() and not bool((rs > stop).any() & definite.all()):
+        if _eager() and not bool(((rs > stop) & (p_ap != 0)).any()):
             break
-    if _eager() and not bool(definite.all()):
-        worst = float(curvature.min())
+    info = SolveInfo(_residual(op, b, x), steps, curvature)
+    if _eager():
+        _check_solution(call, x, info, ridge, strict)
+    return x, info
+
+
+def _check_solution(call: str, x: Any, info: SolveInfo, ridge: float, strict: bool) -> None:
+    """Name an indefinite system with the damping that would fix it (warn once, or raise with
+    ``strict``), and refuse a non-finite solution."""
+    if not all(bool(torch.isfinite(v).all()) for v in mt.leaves(x)):
         raise ValueError(
-            f"{call}: the system is not positive definite: a search direction has curvature "
-            f"p·Ap / p·p = {worst:.3g} (with ridge={ridge:g}). Damp it with a ridge above the "
-            f"most negative eigenvalue's magnitude, so at least ridge > {ridge + abs(worst):.3g} "
-            f"(try ridge={ridge + 2 * abs(worst) + 1e-12:.3g} and raise it until CG converges); "
-            "or use normal_cg or bicgstab for a non-symmetric system."
+            f"{call}: the solution is not finite (relative residual {float(info.residual):.3g}); "
+            "the system is singular or badly conditioned: damp it with ridge=..."
         )
-    return x, SolveInfo(_residual(op, b, x), steps, curvature)
+    worst = float(info.curvature.min())
+    if worst > 0:
+        return
+    message = (
+        f"{call}: the system is not positive definite: a search direction has curvature "
+        f"p·Ap / p·p = {worst:.3g} (with ridge={ridge:g}); the relative residual reached is "
+        f"{float(info.residual):.3g}. Damp it with a ridge above the most negative eigenvalue's "
+        f"magnitude, so at least ridge > {ridge + abs(worst):.3g} (try ridge="
+        f"{ridge + 2 * abs(worst) + 1e-12:.3g}); or use normal_cg or bicgstab for a "
+        "non-symmetric system."
+    )
+    if strict:
+        raise ValueError(message)
+    if "cg" not in _WARNED:
+        _WARNED.add("cg")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def normal_cg(

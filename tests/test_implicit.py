@@ -169,11 +169,16 @@ def test_an_indefinite_system_is_named_with_the_damping_that_fixes_it():
     a = torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=DT))
     b = torch.ones(3, dtype=DT)
     with pytest.raises(ValueError, match=r"not positive definite.*-0.586.*ridge > 0.586"):
-        linalg.cg(lambda v: a @ v, b)
-    _, info = linalg.cg(lambda v: a @ v, b, ridge=2.5)  # above the -2 eigenvalue: converges
-    assert float(info.residual) <= 1e-10
-    # under vmap nothing can raise, and nothing is NaN: the iterate stops at the bad direction
-    xs = vmap(lambda bb: linalg.cg(lambda v: a @ v, bb)[0])(torch.ones(2, 3, dtype=DT))
+        linalg.cg(lambda v: a @ v, b, strict=True)
+    x, info = linalg.cg(lambda v: a @ v, b)  # warns (once), and still solves this one
+    assert float(info.curvature) < 0 and float(info.residual) <= 1e-10
+    _, info = linalg.cg(lambda v: a @ v, b, ridge=2.5)  # above the -2 eigenvalue: definite
+    assert float(info.curvature) > 0 and float(info.residual) <= 1e-10
+    # a singular system breaks down: frozen, never NaN, eagerly or under vmap
+    singular = torch.diag(torch.tensor([1.0, 0.0], dtype=DT))
+    x, info = linalg.cg(lambda v: singular @ v, torch.ones(2, dtype=DT))
+    assert torch.isfinite(x).all() and float(info.residual) > 0.1
+    xs = vmap(lambda bb: linalg.cg(lambda v: singular @ v, bb)[0])(torch.ones(2, 2, dtype=DT))
     assert torch.isfinite(xs).all()
 
 

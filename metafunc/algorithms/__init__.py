@@ -2,7 +2,7 @@
 
 from metafunc.algorithms.base import Algorithm, evaluate_predictions, tune_strategy
 from metafunc.algorithms.baseline import Baseline, load_weights, pretrain_batch
-from metafunc.algorithms.imaml import IMAML, conjugate_gradient
+from metafunc.algorithms.imaml import IMAML
 from metafunc.algorithms.maml import ANIL, MAML, FirstOrderMAML, MetaSGD
 from metafunc.algorithms.mamlpp import MAMLPlusPlus
 from metafunc.algorithms.protonets import ProtoNet, prototype_logits
@@ -19,7 +19,6 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "Reptile",
-    "conjugate_gradient",
     "evaluate_predictions",
     "load_weights",
     "pretrain_batch",

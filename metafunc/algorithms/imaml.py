@@ -3,12 +3,12 @@ function theorem, with memory independent of the number of inner steps."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from metafunc import linalg
 from metafunc import tree as mt
 from metafunc.algorithms._common import (
     INNER_OPTIMIZERS,
@@ -24,34 +24,11 @@ from metafunc.algorithms.base import (
     task_metrics,
 )
 from metafunc.data.batch import TaskBatch
+from metafunc.implicit import custom_root
 from metafunc.inner import adapt
 from metafunc.models.base import Model
 
-__all__ = ["IMAML", "conjugate_gradient"]
-
-
-def conjugate_gradient(matvec: Callable[[Any], Any], b: Any, steps: int, tol: float = 0.0) -> Any:
-    """Solve ``A x = b`` for a symmetric ``A`` given as ``matvec(tree) -> tree``, from ``x = 0``.
-
-    Runs exactly ``steps`` iterations (no Python branch on tensor values, so it runs under
-    ``vmap``); once the residual norm falls to ``tol * ||b||`` the iterate is frozen by masking.
-    """
-    x = mt.zeros_like(b)
-    r, p = b, b
-    rs = mt.vdot(r, r)
-    stop = (tol * tol) * rs
-    for _ in range(steps):
-        ap = matvec(p)
-        active = rs > stop
-        p_ap = mt.vdot(p, ap)
-        alpha = torch.where(active, rs / torch.where(active, p_ap, torch.ones_like(p_ap)), 0.0)
-        x = mt.axpy(alpha, p, x)
-        r = mt.axpy(-alpha, ap, r)
-        rs_new = mt.vdot(r, r)
-        beta = torch.where(active, rs_new / torch.where(active, rs, torch.ones_like(rs)), 0.0)
-        p = mt.axpy(beta, p, r)
-        rs = rs_new
-    return x
+__all__ = ["IMAML"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +42,9 @@ class IMAML(Algorithm):
 
         v = (I + H / lam)^-1 ∇_φ L_query(φ),   H = ∇²_φ L_support(φ),
 
-    solved by ``cg_steps`` iterations of conjugate gradient (relative tolerance ``cg_tol``) with
-    Hessian-vector products (double backward through ``torch.func.grad``). :meth:`meta_grad`
-    returns the mean of ``v`` over tasks, vmapped with :func:`metafunc.task_map`;
+    solved by at most ``cg_steps`` iterations of conjugate gradient (relative tolerance
+    ``cg_tol``) with Hessian-vector products, through :func:`metafunc.implicit.custom_root`.
+    :meth:`meta_grad` returns the mean of ``v`` over tasks, vmapped with :func:`metafunc.task_map`;
     :meth:`meta_loss` is the adapted query loss, detached (its gradient is not the
     meta-gradient). The outer optimizer is Adam.
 
@@ -133,23 +110,31 @@ class IMAML(Algorithm):
     def task_grad(
         self, theta: Any, task: TaskBatch
     ) -> tuple[Any, torch.Tensor, dict[str, torch.Tensor]]:
-        """``(v, query loss, metrics)`` for one task: ``v = (I + H/λ)^-1 ∇ L_query(φ)``."""
-        phi = self.adapted(theta, task)
+        """``(v, query loss, metrics)`` for one task: ``v = (I + H/λ)^-1 ∇ L_query(φ)``.
 
-        def query_loss(p: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            preds = self.predict(p, task)
+        ``φ(θ)`` is a root of the proximal objective's gradient ``∇L_support(φ) + λ(φ - θ)``,
+        differentiated by :func:`metafunc.implicit.custom_root`: its backward solves
+        ``(H + λ I) u = ∇L_query(φ)`` by conjugate gradient and gives ``θ`` the gradient
+        ``λ u``. The authors' damping (``regu_coef``, ``lam_damping``) solves
+        ``(H + (λ + lam_damping)(1 + regu_coef) I) u`` instead, with ``v = (λ + lam_damping) u``.
+        """
+        damped = (self.lam + self.lam_damping) * (1.0 + self.regu_coef)
+
+        def optimality(phi: Any, th: Any) -> Any:
+            return mt.axpy(self.lam, mt.sub(phi, th), torch.func.grad(self.support_loss)(phi, task))
+
+        root = custom_root(
+            optimality, linalg.cg, tol=self.cg_tol, maxiter=self.cg_steps,
+            ridge=damped - self.lam,
+        )(lambda init, th: self.adapted(th, task))  # fmt: skip
+
+        def query_loss(th: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            preds = self.predict(root(None, th), task)
             return loss_fn_of(self.loss)(preds, task.query_y), preds.detach()
 
-        g, preds = torch.func.grad(query_loss, has_aux=True)(phi)
-        support_grad = torch.func.grad(self.support_loss)
-
-        def matvec(v: Any) -> Any:
-            hv = torch.func.grad(lambda p: mt.vdot(support_grad(p, task), v))(phi)
-            return mt.axpy(
-                1.0 / (self.lam + self.lam_damping), hv, mt.scale(1.0 + self.regu_coef, v)
-            )
-
-        v = conjugate_gradient(matvec, g, self.cg_steps, self.cg_tol)
+        v, preds = torch.func.grad(query_loss, has_aux=True)(theta)
+        if self.lam_damping:
+            v = mt.scale((self.lam + self.lam_damping) / self.lam, v)
         metrics = task_metrics(self.loss, preds, task.query_y)
         return v, metrics["loss"], metrics
 
