@@ -2,6 +2,7 @@
 
 from metafunc.algorithms.base import Algorithm, evaluate_predictions, tune_strategy
 from metafunc.algorithms.baseline import Baseline, load_weights, pretrain_batch
+from metafunc.algorithms.heads import R2D2, MetaOptNet, ridge_logits, svm_logits
 from metafunc.algorithms.imaml import IMAML
 from metafunc.algorithms.maml import ANIL, MAML, FirstOrderMAML, MetaSGD
 from metafunc.algorithms.mamlpp import MAMLPlusPlus
@@ -12,10 +13,12 @@ __all__ = [
     "ANIL",
     "IMAML",
     "MAML",
+    "R2D2",
     "Algorithm",
     "Baseline",
     "FirstOrderMAML",
     "MAMLPlusPlus",
+    "MetaOptNet",
     "MetaSGD",
     "ProtoNet",
     "Reptile",
@@ -23,5 +26,7 @@ __all__ = [
     "load_weights",
     "pretrain_batch",
     "prototype_logits",
+    "ridge_logits",
+    "svm_logits",
     "tune_strategy",
 ]

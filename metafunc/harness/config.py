@@ -14,7 +14,8 @@ from typing import Any
 __all__ = ["ALGORITHMS", "FLAGS", "PRESETS", "Config", "ConfigError", "load_config_file"]
 
 ALGORITHMS = (
-    "maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "protonet", "baseline",
+    "maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile", "imaml", "protonet", "r2d2",
+    "metaoptnet", "baseline",
 )  # fmt: skip
 INNER_OPTIMIZERS = ("sgd", "adam")
 FINETUNE = ("head", "all")
@@ -71,7 +72,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "log_every": ("run folder", "steps between metrics.jsonl lines"),
     "checkpoint_every": ("run folder", "steps between checkpoints"),
     "keep_checkpoints": ("run folder", "checkpoints kept"),
-    "train_ways": ("algorithm-specific", "ProtoNets: ways of the training episodes"),
+    "train_ways": ("algorithm-specific", "ProtoNets, R2D2, MetaOptNet: training episodes' ways"),
     "inner_optimizer": ("algorithm-specific", "Reptile, iMAML, baseline: sgd or adam"),
     "anneal": ("algorithm-specific", "Reptile: outer step size annealed linearly to 0"),
     "lam": ("algorithm-specific", "iMAML: proximal weight lambda"),
@@ -90,7 +91,7 @@ GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "r
 
 # keys that only some algorithms read: setting one for another algorithm is refused
 ONLY_FOR: dict[str, tuple[str, ...]] = {
-    "train_ways": ("protonet",),
+    "train_ways": ("protonet", "r2d2", "metaoptnet"),
     "inner_optimizer": ("reptile", "imaml", "baseline"),
     "anneal": ("reptile",),
     "lam": ("imaml",),
@@ -251,9 +252,9 @@ class Config:
             )
         if self.dataset == "sinusoid" and (self.ways is not None or self.train_ways is not None):
             raise ConfigError("config: the sinusoid has no classes; leave ways unset.")
-        if self.dataset == "sinusoid" and self.algorithm == "protonet":
+        if self.dataset == "sinusoid" and self.algorithm in ("protonet", "r2d2", "metaoptnet"):
             raise ConfigError(
-                "config: algorithm='protonet' classifies; pick a classification dataset "
+                f"config: algorithm={self.algorithm!r} classifies; pick a classification dataset "
                 "(omniglot, mini-imagenet, cifar-fs), or another algorithm for the sinusoid."
             )
         if any(s < 0 or s > self.eval_inner_steps for s in self.report_steps):
@@ -410,6 +411,8 @@ PRESET_PAPERS: dict[str, str] = {
     "mamlpp-omniglot-20w1s": "Antoniou et al. 2019",
     "protonet-omniglot-5w1s": "Snell et al. 2017",
     "protonet-omniglot-20w1s": "Snell et al. 2017",
+    "r2d2-omniglot-5w1s": "Bertinetto et al. 2019",
+    "metaoptnet-omniglot-5w1s": "Lee et al. 2019",
     "reptile-omniglot-5w1s": "Nichol et al. 2018",
     "baseline-omniglot-5w1s": "Chen et al. 2019",
 }
@@ -425,6 +428,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamlpp-omniglot-20w1s": {**_MAML_20W, "algorithm": "mamlpp", "iterations": 50000},
     "protonet-omniglot-5w1s": {**_PROTONET, "ways": 5},
     "protonet-omniglot-20w1s": {**_PROTONET, "ways": 20},
+    # R2D2 and MetaOptNet on ProtoNets' episodes (their papers' Omniglot / CIFAR-FS setups train
+    # with more ways than they test): 60-way training episodes, 5 queries, Adam 1e-3 halved
+    "r2d2-omniglot-5w1s": {**_PROTONET, "algorithm": "r2d2", "ways": 5},
+    "metaoptnet-omniglot-5w1s": {**_PROTONET, "algorithm": "metaoptnet", "ways": 5},
     # Nichol et al., Table 3 (Omniglot): 10 training shots, inner Adam 1e-3 x 5 steps, ε = 1
     # annealed to 0, meta-batch 5, 100k iterations, 50 steps at test, test classes unrotated.
     "reptile-omniglot-5w1s": {

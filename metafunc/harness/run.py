@@ -163,8 +163,10 @@ def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.
             build_model(cfg, ways), lam=cfg.lam, cg_steps=cfg.cg_steps, **inner, loss=loss,
             **common,
         )  # fmt: skip
-    if name == "protonet":
-        return algorithms.ProtoNet(build_model(cfg, None), shots=cfg.shots, **common)
+    heads = {"protonet": algorithms.ProtoNet, "r2d2": algorithms.R2D2,
+             "metaoptnet": algorithms.MetaOptNet}  # fmt: skip
+    if name in heads:
+        return heads[name](build_model(cfg, None), shots=cfg.shots, **common)
     # the pretrain-then-fine-tune baseline
     extra: dict[str, Any] = {"finetune": cfg.finetune}
     if cfg.is_regression:
@@ -225,7 +227,7 @@ def build(cfg: Config) -> Run:
         torch.backends.cudnn.conv.fp32_precision = cfg.precision  # type: ignore[attr-defined]
     alg = build_algorithm(cfg, train, cfg.strategy)
     eval_alg = alg
-    if isinstance(alg, algorithms.ProtoNet):  # the test shots may differ from the training shots
+    if isinstance(alg, algorithms.ProtoNet):  # R2D2, MetaOptNet too: test shots may differ
         eval_alg = dataclasses.replace(alg, shots=cfg.eval_shots or cfg.shots)
     return Run(cfg, alg, eval_alg, train, test, device, dtype)
 
