@@ -42,6 +42,8 @@ PAPER: dict[str, tuple[str, dict[str, str], str]] = {
     "protonet-omniglot-20w1s": ("acc %", {"0": "96.0"}, "Snell et al. 2017"),
     "reptile-omniglot-5w1s": ("acc %", {"50": "97.68 ± 0.04"}, "Nichol et al. 2018 (transd.)"),
     "baseline-omniglot-5w1s": ("acc %", {"100": "–"}, "Chen et al. 2019 (no Omniglot row)"),
+    "r2d2-omniglot-5w1s": ("acc %", {"0": "–"}, "Bertinetto et al. 2019 (other network)"),
+    "metaoptnet-omniglot-5w1s": ("acc %", {"0": "–"}, "Lee et al. 2019 (no Omniglot row)"),
 }
 
 

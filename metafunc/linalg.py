@@ -136,18 +136,20 @@ def cg(
 def _check_solution(call: str, x: Any, info: SolveInfo, ridge: float, strict: bool) -> None:
     """Name an indefinite system with the damping that would fix it (warn once, or raise with
     ``strict``), and refuse a non-finite solution."""
-    if not all(bool(torch.isfinite(v).all()) for v in mt.leaves(x)):
+    if not all(bool(torch.isfinite(v.detach()).all()) for v in mt.leaves(x)):
         raise ValueError(
-            f"{call}: the solution is not finite (relative residual {float(info.residual):.3g}); "
+            f"{call}: the solution is not finite (relative residual "
+            f"{float(info.residual.detach()):.3g}); "
             "the system is singular or badly conditioned: damp it with ridge=..."
         )
-    worst = float(info.curvature.min())
+    worst = float(info.curvature.detach().min())
+    reached = float(info.residual.detach())
     if worst > 0:
         return
     message = (
         f"{call}: the system is not positive definite: a search direction has curvature "
         f"p·Ap / p·p = {worst:.3g} (with ridge={ridge:g}); the relative residual reached is "
-        f"{float(info.residual):.3g}. Damp it with a ridge above the most negative eigenvalue's "
+        f"{reached:.3g}. Damp it with a ridge above the most negative eigenvalue's "
         f"magnitude, so at least ridge > {ridge + abs(worst):.3g} (try ridge="
         f"{ridge + 2 * abs(worst) + 1e-12:.3g}); or use normal_cg or bicgstab for a "
         "non-symmetric system."

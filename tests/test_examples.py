@@ -35,6 +35,11 @@ EXPECTED = {
         r"ranks: 1, meta-parameters in sync",
         rf"query MSE before adaptation {NUMBER}, after 1 step {NUMBER}",
     ],
+    "bilevel_digits.py": [
+        rf"implicit +validation loss {NUMBER} -> {NUMBER}; corrupted examples hold",
+        rf"unrolled +validation loss {NUMBER} -> {NUMBER};",
+        rf"finite_difference +validation loss {NUMBER} -> {NUMBER};",
+    ],
     "compiled_step.py": [
         rf"{NUMBER} ms per step eager \(mode=None\), {NUMBER} ms per step eager",
         rf"after 12 steps: query MSE {NUMBER} before adaptation, {NUMBER} after 1 step",
