@@ -33,7 +33,7 @@ import torch
 from metafunc import linalg
 from metafunc import tree as mt
 from metafunc._transforms import under_vmap
-from metafunc.inner import adapt
+from metafunc.inner import adapt, grad_with_aux
 from metafunc.optim import GradientTransformation, sgd
 
 __all__ = ["HYPERGRADIENTS", "HyperInfo", "custom_fixed_point", "custom_root", "hypergradient"]
@@ -268,7 +268,9 @@ def hypergradient(
             lambda p, h: torch.func.grad(inner_loss)(p, h),
             solve, tol=tol, maxiter=maxiter, ridge=ridge,
         )(lambda init, h: solution)  # fmt: skip
-        grads = torch.func.grad(lambda h: outer_loss(root(None, h), h))(hyper)
+        # at the top level by torch.autograd.grad, whose backward (the solver's iterations
+        # included) builds no graph of itself
+        grads, _ = grad_with_aux(lambda h: (outer_loss(root(None, h), h), None), hyper)
         return grads, info_at(solution)
     if method in ("unrolled", "truncated"):
         start, k = mt.detach(params), steps

@@ -25,7 +25,7 @@ from metafunc.algorithms.base import (
 )
 from metafunc.data.batch import TaskBatch
 from metafunc.implicit import custom_root
-from metafunc.inner import adapt
+from metafunc.inner import adapt, grad_with_aux
 from metafunc.models.base import Model
 
 __all__ = ["IMAML"]
@@ -132,7 +132,7 @@ class IMAML(Algorithm):
             preds = self.predict(root(None, th), task)
             return loss_fn_of(self.loss)(preds, task.query_y), preds.detach()
 
-        v, preds = torch.func.grad(query_loss, has_aux=True)(theta)
+        v, preds = grad_with_aux(query_loss, theta)  # top level: the CG keeps no graph
         if self.lam_damping:
             v = mt.scale((self.lam + self.lam_damping) / self.lam, v)
         metrics = task_metrics(self.loss, preds, task.query_y)
