@@ -552,3 +552,29 @@ def test_list_presets_is_a_table(capsys):
     assert out[0].split() == ["preset", "paper", "setting", "iterations"]
     row = next(line for line in out if line.startswith("maml-omniglot-20w1s"))
     assert "Finn et al. 2017" in row and "20-way 1-shot" in row and "60,000" in row
+
+
+def test_compile_auto_falls_back_to_eager_when_the_step_does_not_compile(tmp_path, monkeypatch):
+    from metafunc.harness import run as harness_run
+    from metafunc.step import CompileError
+
+    real = harness_run.compile_step
+
+    def breaking(alg, opt, *, mode="default", **kw):
+        step = real(alg, opt, mode=mode, **kw)
+        if mode is None:
+            return step
+
+        def fails(*args, **kwargs):
+            raise CompileError("compile_step(MAML, ...)(state, batch): a graph break (test)")
+
+        return fails
+
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(harness_run, "COMPILE_GUESS_S", 0.0)
+    monkeypatch.setattr(harness_run, "compile_step", breaking)
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), *QUICK]) == 0
+    record = json.loads((run / "compile.json").read_text())
+    assert record["choice"] == "off" and "does not compile" in record["why"]
+    assert json.loads((run / "config.json").read_text())["compile"] == "off"

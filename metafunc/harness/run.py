@@ -29,7 +29,7 @@ from metafunc.data.cache import default_cache_dir, write_atomic
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from metafunc.harness.config import Config, ConfigError
-from metafunc.step import Step, StepState, compile_step
+from metafunc.step import CompileError, Step, StepState, compile_step
 from metafunc.strategies import default_strategy, strategy_label
 
 __all__ = [
@@ -518,8 +518,12 @@ def resolve_compile(
         return "off", record, eager
     compiled = compile_step(run.algorithm, opt, mode="default")
     start = time.perf_counter()
-    for i in (0, 1):  # the first iteration compiles; the next makes the iteration dynamic
-        float(compiled(state, batch, iteration=i)[1]["loss"])
+    try:
+        for i in (0, 1):  # the first iteration compiles; the next makes the iteration dynamic
+            float(compiled(state, batch, iteration=i)[1]["loss"])
+    except CompileError as error:  # eager, and the reason on record
+        record.update(choice="off", why=f"the step does not compile: {error}")
+        return "off", record, eager
     compile_s = time.perf_counter() - start
     compiled_ms = ms_per_step(compiled)
     cache = remember_compile(cfg, compile_s, compiled_ms)
