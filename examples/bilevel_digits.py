@@ -1,16 +1,12 @@
 """Learning to reweight corrupted labels by hypergradient, on scikit-learn's digits.
 
-A third of the training labels are replaced by random ones. A logistic regression is trained on
-the examples weighted by ``sigmoid(h_i)``; the weights ``h`` are the hyper-parameters, learned by
-Adam on the clean validation loss, whose gradient through the inner training is a hypergradient
-(``metafunc.implicit.hypergradient``). Three ways of computing it are compared on the same
-problem: implicit (the implicit function theorem at the trained model), unrolled (reverse mode
-through every training step) and finite-difference (DARTS' approximation). The script prints the
-validation loss per outer iteration and the share of the weight the corrupted examples keep, and
-plots the curves (``--plot curves.png``, needs matplotlib).
+A third of the training labels are random. A logistic regression trains on the examples weighted
+by ``sigmoid(h_i)``; Adam learns ``h`` on the clean validation loss, whose gradient through the
+training is a hypergradient (``metafunc.implicit.hypergradient``), computed three ways: implicit,
+unrolled and finite-difference (DARTS). Prints each one's validation loss and the weight the
+corrupted examples keep; ``--plot curves.png`` plots the curves (needs matplotlib).
 
-    python examples/bilevel_digits.py --plot reweight.png
-    python examples/bilevel_digits.py --tiny          # a few seconds, as CI runs it
+    python examples/bilevel_digits.py --plot reweight.png    # --tiny: a few seconds, for CI
 """
 
 from __future__ import annotations
@@ -80,9 +76,7 @@ def main() -> None:
 
         for method, curve in curves.items():
             plt.plot(range(1, len(curve) + 1), curve, label=method)
-        plt.xlabel("outer iteration")
-        plt.ylabel("validation loss")
-        plt.legend()
+        plt.xlabel("outer iteration"), plt.ylabel("validation loss"), plt.legend()
         plt.title("Reweighting corrupted digits by hypergradient")
         plt.savefig(args.plot, dpi=120)
         print(f"wrote {args.plot}")

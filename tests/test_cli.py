@@ -441,7 +441,7 @@ def test_every_flag_explains_itself_in_groups(capsys):
 @pytest.mark.parametrize(
     ("flag", "value", "owners"),
     [
-        ("--train-ways", "10", "protonet"),
+        ("--train-ways", "10", "protonet, r2d2, metaoptnet"),
         ("--inner-optimizer", "adam", "reptile, imaml, baseline"),
         ("--anneal", None, "reptile"),
         ("--lam", "3", "imaml"),
