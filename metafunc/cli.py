@@ -52,6 +52,8 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from metafunc.harness.config import DATASETS, PROTOCOLS
+
     parser = argparse.ArgumentParser(
         prog="metafunc",
         description="Functional meta-learning for PyTorch: train, evaluate and benchmark.",
@@ -76,10 +78,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(train)
-    ev = sub.add_parser("eval", help="evaluate a run on the fixed test episodes")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a run on the fixed test episodes",
+        description="Score a run's best-on-validation checkpoint (--keep-best runs) or its "
+        "latest on fixed, seeded test episodes; writes eval.json (or eval-<dataset>.json).",
+    )
     ev.add_argument("run_dir")
-    ev.add_argument("--episodes", type=int, default=None)
-    ev.add_argument("--seed", type=int, default=1234)
+    ev.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="test episodes (default: the run's eval_episodes)",
+    )
+    ev.add_argument("--seed", type=int, default=1234, help="seed of the test episodes")
+    ev.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default=None,
+        help="Omniglot: random episodes or Lake et al.'s within-alphabet runs (default: the run's)",
+    )
+    ev.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="cross-domain: score another benchmark's test classes (same image size, channels)",
+    )
+    ev.add_argument("--data-root", default=None, help="the folder holding --dataset's data")
     plot = sub.add_parser(
         "plot",
         help="PNG learning curves (and the MAML sinusoid figure) of a run",
@@ -187,6 +212,8 @@ def _print_presets(presets: dict[str, dict[str, Any]]) -> None:
             + (f"{values.get('eval_shots') or values.get('shots', 10)}-shot")
         )
         setting = f"{values.get('algorithm', 'maml')} {dataset}{shape}"
+        if values.get("protocol", "random") != "random":
+            setting += f", {values['protocol']} runs"
         rows.append((name, paper, setting, f"{values.get('iterations', 5000):,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
@@ -197,10 +224,15 @@ def _print_presets(presets: dict[str, dict[str, Any]]) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from metafunc.harness.run import _format_results, evaluate, load_run
 
-    run, meta, ckpt = load_run(args.run_dir)
+    changes = {k: v for k, v in (("protocol", args.protocol), ("dataset", args.dataset),
+                                 ("data_root", args.data_root)) if v is not None}  # fmt: skip
+    run, meta, checkpoint = load_run(args.run_dir, **changes)
     results = evaluate(run, meta, episodes=args.episodes, seed=args.seed)
-    results["checkpoint"] = ckpt.name
-    (Path(args.run_dir) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["checkpoint"] = checkpoint
+    name = f"eval-{args.dataset}.json" if args.dataset else "eval.json"
+    if args.protocol:
+        name = name.replace(".json", f"-{args.protocol}.json")
+    (Path(args.run_dir) / name).write_text(json.dumps(results, indent=2) + "\n")
     print(_format_results(results, run.config.is_regression))
     return 0
 

@@ -4,7 +4,9 @@
 - :class:`SinusoidTasks`: MAML's sinusoid regression tasks.
 - :class:`EpisodeSampler`: N-way K-shot Q-query episodes from a class-indexed uint8 tensor, drawn a
   whole meta-batch at a time with tensor ops on the target device.
-- Loaders returning :class:`ClassImages`: Omniglot, mini-ImageNet, CIFAR-FS, folder-per-class.
+- Loaders returning :class:`ClassImages`: Omniglot, mini-ImageNet, CIFAR-FS, tiered-ImageNet,
+  CUB-200-2011, FC100, folder-per-class.
+- :class:`WithinAlphabetRuns`: Lake et al.'s one-shot runs on Omniglot (:mod:`metafunc.data.lake`).
 - :func:`get_benchmark`: a named benchmark's train / validation / test samplers.
 - :mod:`keys`: counter-based random numbers on tensors, for sampling inside a compiled step
   (the samplers' ``sample_keyed``).
@@ -14,9 +16,12 @@ from metafunc.data import keys
 from metafunc.data.batch import TaskBatch
 from metafunc.data.cache import default_cache_dir
 from metafunc.data.cifarfs import CIFAR_FS_CLASSES, cifar_fs_splits, load_cifar_fs
+from metafunc.data.cub import cub_splits
 from metafunc.data.dataset import ClassImages, ClassSplits, concat_classes, stack_classes
 from metafunc.data.download import ChecksumError, check_md5, download_file, md5sum
+from metafunc.data.fc100 import FC100_SUPERCLASSES, fc100_splits
 from metafunc.data.folder import folder_splits, load_folder
+from metafunc.data.lake import WithinAlphabetRuns
 from metafunc.data.miniimagenet import load_mini_imagenet, mini_imagenet_splits
 from metafunc.data.omniglot import (
     OMNIGLOT_SOURCES,
@@ -25,15 +30,20 @@ from metafunc.data.omniglot import (
     load_omniglot,
     omniglot_splits,
 )
-from metafunc.data.registry import Benchmark, benchmark_names, get_benchmark
-from metafunc.data.sampler import EpisodeSampler, TaskSampler
+from metafunc.data.registry import PROTOCOLS, Benchmark, benchmark_names, get_benchmark
+from metafunc.data.safe_pickle import UnsafePickleError, safe_load
+from metafunc.data.sampler import AUGMENTATIONS, EpisodeSampler, TaskSampler
 from metafunc.data.sinusoid import SinusoidParams, SinusoidTasks, sinusoid
+from metafunc.data.tiered import tiered_imagenet_splits
 
 __all__ = [
+    "AUGMENTATIONS",
     "CIFAR_FS_CLASSES",
+    "FC100_SUPERCLASSES",
     "OMNIGLOT_SOURCES",
     "OMNIGLOT_SPLITS",
     "OMNIGLOT_URL",
+    "PROTOCOLS",
     "Benchmark",
     "ChecksumError",
     "ClassImages",
@@ -43,12 +53,16 @@ __all__ = [
     "SinusoidTasks",
     "TaskBatch",
     "TaskSampler",
+    "UnsafePickleError",
+    "WithinAlphabetRuns",
     "benchmark_names",
     "check_md5",
     "cifar_fs_splits",
     "concat_classes",
+    "cub_splits",
     "default_cache_dir",
     "download_file",
+    "fc100_splits",
     "folder_splits",
     "get_benchmark",
     "keys",
@@ -59,6 +73,8 @@ __all__ = [
     "md5sum",
     "mini_imagenet_splits",
     "omniglot_splits",
+    "safe_load",
     "sinusoid",
     "stack_classes",
+    "tiered_imagenet_splits",
 ]

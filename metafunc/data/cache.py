@@ -93,6 +93,8 @@ def save_class_images(path: Path, data: ClassImages, *, source: str) -> None:
     tensors = {"images": data.images.contiguous()}
     if data.counts is not None:
         tensors["counts"] = data.counts.to(torch.int64).contiguous()
+    if data.drawers is not None:
+        tensors["drawers"] = data.drawers.to(torch.int64).contiguous()
     metadata = {"format": _FORMAT, "source": source, "classes": json.dumps(list(data.classes))}
     write_atomic(path, save(tensors, metadata=metadata))
 
@@ -113,10 +115,12 @@ def load_class_images(path: Path) -> ClassImages | None:
             if metadata.get("format") != _FORMAT:
                 return None
             images = f.get_tensor("images")
-            counts = f.get_tensor("counts") if "counts" in f.keys() else None  # noqa: SIM118
+            names = set(f.keys())
+            counts = f.get_tensor("counts") if "counts" in names else None
+            drawers = f.get_tensor("drawers") if "drawers" in names else None
             classes = tuple(json.loads(metadata["classes"]))
     except Exception:  # safetensors raises its own SafetensorError on a damaged header
         return None
     if len(classes) != images.shape[0]:
         return None
-    return ClassImages(images, classes, counts)
+    return ClassImages(images, classes, counts, drawers)

@@ -13,11 +13,11 @@ Bertinetto et al.'s split (also used by MetaOptNet and learn2learn).
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 from metafunc.data.dataset import ClassImages, ClassSplits, stack_classes
+from metafunc.data.safe_pickle import safe_load
 
 __all__ = ["CIFAR_FS_CLASSES", "cifar_fs_splits", "load_cifar_fs"]
 
@@ -55,14 +55,7 @@ def _unpickle(path: Path, *, call: str) -> dict[str, Any]:
             f"it into {path.parent.parent}/, or let torchvision.datasets.CIFAR100(root, "
             "download=True) do it."
         )
-    try:
-        with open(path, "rb") as f:
-            content = pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
-        raise ValueError(
-            f"{call}: cannot unpickle {path} ({type(err).__name__}: {err}); the file is corrupt. "
-            "Unpack cifar-100-python.tar.gz again."
-        ) from err
+    content = safe_load(path, call=call, fix="Unpack cifar-100-python.tar.gz again.")
     if not isinstance(content, dict):
         raise ValueError(f"{call}: {path} holds a {type(content).__name__}, not a dict.")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}

@@ -26,11 +26,15 @@ class ClassImages(NamedTuple):
         classes: one name per class, in the order of ``images``' first axis.
         counts: int64 ``[classes]``, the number of real examples of each class (the rest is zero
             padding), or ``None`` when every class fills all ``examples`` slots.
+        drawers: int64 ``[classes, examples]``, who made each example (Omniglot's drawer, from
+            its file names; -1 for padding), or ``None`` where the source does not say. Lake et
+            al.'s one-shot protocol (:mod:`metafunc.data.lake`) needs it.
     """
 
     images: torch.Tensor
     classes: tuple[str, ...]
     counts: torch.Tensor | None = None
+    drawers: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -46,8 +50,9 @@ class ClassImages(NamedTuple):
         """The classes at ``indices`` (in that order), as a new :class:`ClassImages`."""
         index = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
         counts = None if self.counts is None else self.counts[index]
+        drawers = None if self.drawers is None else self.drawers[index]
         names = tuple(self.classes[i] for i in index.tolist())
-        return ClassImages(self.images[index], names, counts)
+        return ClassImages(self.images[index], names, counts, drawers)
 
     def select_names(self, names: Sequence[str], *, call: str) -> ClassImages:
         """The classes called ``names`` (in that order); unknown names raise ``ValueError``."""
@@ -106,26 +111,27 @@ def stack_classes(arrays: Sequence[np.ndarray], names: Sequence[str], *, call: s
 
 
 def concat_classes(parts: Sequence[ClassImages], *, call: str) -> ClassImages:
-    """The classes of all ``parts`` in order, zero-padding the example axis to the longest part."""
+    """The classes of all ``parts`` in order, zero-padding the example axis to the longest part
+    (drawers are kept when every part has them)."""
     if not parts:
         raise ValueError(f"{call}: there are no class sets to join.")
     shapes = {tuple(p.images.shape[2:]) for p in parts}
     if len(shapes) != 1:
         raise ValueError(f"{call}: the class sets have different image shapes {sorted(shapes)}.")
     most = max(int(p.images.shape[1]) for p in parts)
-    images, counts = [], []
+    images, counts, drawers = [], [], []
     for p in parts:
         pad = most - int(p.images.shape[1])
-        if pad:
-            zeros = p.images.new_zeros((p.num_classes, pad, *p.images.shape[2:]))
-            images.append(torch.cat([p.images, zeros], dim=1))
-        else:
-            images.append(p.images)
+        zeros = p.images.new_zeros((p.num_classes, pad, *p.images.shape[2:]))
+        images.append(torch.cat([p.images, zeros], dim=1))
         counts.append(p.example_counts())
+        if p.drawers is not None:
+            drawers.append(torch.nn.functional.pad(p.drawers, (0, pad), value=-1))
     all_counts = torch.cat(counts)
     names = tuple(name for p in parts for name in p.classes)
     ragged = bool((all_counts != most).any())
-    return ClassImages(torch.cat(images), names, all_counts if ragged else None)
+    known = torch.cat(drawers) if len(drawers) == len(parts) else None
+    return ClassImages(torch.cat(images), names, all_counts if ragged else None, known)
 
 
 def check_disjoint(splits: Mapping[str, Sequence[str]], *, call: str) -> None:

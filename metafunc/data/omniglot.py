@@ -8,8 +8,10 @@ Files are read in the official layout, the one torchvision writes::
 or straight from the official zips beside those folders (``images_background.zip``, ...,
 ``images_background_small1.zip``, ``images_background_small2.zip``), md5-verified. Images are
 converted to grey, resized with a Pillow filter (LANCZOS by default, as in MAML's preprocessing)
-and inverted to white strokes on black. The decoded uint8 tensor is cached (see
-:mod:`metafunc.data.cache`), so only the first load decodes the PNGs.
+and inverted to white strokes on black. File names ``XXXX_YY.png`` carry the drawer ``YY``, kept
+as :attr:`ClassImages.drawers` for Lake et al.'s one-shot protocol (:mod:`metafunc.data.lake`).
+The decoded uint8 tensor is cached (see :mod:`metafunc.data.cache`), so only the first load
+decodes the PNGs.
 
 Splits (:func:`omniglot_splits`):
     ``"vinyals"``: Vinyals et al. 2016 / MAML. All 1623 characters in a fixed order (background
@@ -24,6 +26,7 @@ Splits (:func:`omniglot_splits`):
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -33,6 +36,7 @@ from metafunc.data.cache import default_cache_dir, load_class_images, save_class
 from metafunc.data.dataset import ClassImages, ClassSplits, concat_classes, stack_classes
 from metafunc.data.download import check_md5, download_file
 from metafunc.data.images import ImageSource, check_resample, check_size, decode_images
+from metafunc.data.lake import alphabet_of
 
 __all__ = [
     "OMNIGLOT_SOURCES",
@@ -56,6 +60,7 @@ OMNIGLOT_SOURCES: dict[str, tuple[str, str]] = {
 OMNIGLOT_SPLITS = ("vinyals", "lake", "small1", "small2")
 
 _VINYALS_TRAIN = 1200
+_DRAWER = re.compile(r"^\d+_(\d+)\.png$")
 
 
 def load_omniglot(
@@ -98,7 +103,7 @@ def load_omniglot(
         / "omniglot"
         / f"{stem}-{size[0]}x{size[1]}-{resample}.safetensors"
     )
-    if cache and (hit := load_class_images(key)) is not None:
+    if cache and (hit := load_class_images(key)) is not None and hit.drawers is not None:
         return hit
     names, files = _find_images(Path(root).expanduser(), stem, md5, download, base_url, call=call)
     pixels = decode_images(
@@ -109,10 +114,25 @@ def load_omniglot(
     for group in files:
         arrays.append(pixels[start : start + len(group)])
         start += len(group)
-    data = stack_classes(arrays, names, call=call)
+    data = stack_classes(arrays, names, call=call)._replace(drawers=_drawers(files))
     if cache:
         save_class_images(key, data, source=f"omniglot:{stem}:{size[0]}x{size[1]}:{resample}")
     return data
+
+
+def _drawers(files: list[list[ImageSource]]) -> torch.Tensor | None:
+    """int64 ``[characters, most drawings]``: the drawer of each image from its file name
+    (``XXXX_YY.png``), -1 for padding; ``None`` if a file name does not carry one."""
+    most = max(len(group) for group in files)
+    out = torch.full((len(files), most), -1, dtype=torch.int64)
+    for i, group in enumerate(files):
+        for j, source in enumerate(group):
+            name = Path(source if isinstance(source, (str, os.PathLike)) else source[1]).name
+            match = _DRAWER.match(name)
+            if match is None:
+                return None
+            out[i, j] = int(match.group(1))
+    return out
 
 
 def _find_images(
@@ -165,6 +185,7 @@ def omniglot_splits(
     split: str = "vinyals",
     *,
     num_validation: int | None = None,
+    validation_alphabets: int = 0,
     split_seed: int = 0,
     image_size: int | tuple[int, int] = 28,
     resample: str = "lanczos",
@@ -182,6 +203,10 @@ def omniglot_splits(
         num_validation: characters held out of the training set for validation, chosen with
             ``split_seed``; default 100 for ``"vinyals"`` and 0 (no validation set, as in Lake et
             al.) for the others.
+        validation_alphabets: whole background alphabets held out for validation instead, chosen
+            with ``split_seed`` (``"lake"``, ``"small1"``, ``"small2"``): what Lake et al.'s
+            within-alphabet runs need to validate on. For the small sets they come from the
+            background alphabets outside the set, so training keeps all of the set's alphabets.
         split_seed: seed of the permutation that assigns characters to splits.
     """
     call = f"omniglot_splits(split={split!r})"
@@ -210,6 +235,11 @@ def omniglot_splits(
         test = everything.select(order[_VINYALS_TRAIN:].sort().values)
     else:
         train = load("background" if split == "lake" else split)
+    if validation_alphabets:
+        return _hold_out_alphabets(
+            train, load("background"), test, split, validation_alphabets, num_validation,
+            generator, call=call,
+        )  # fmt: skip
     if not 0 <= num_validation < train.num_classes:
         raise ValueError(
             f"{call}: num_validation={num_validation} must be in [0, {train.num_classes})."
@@ -219,3 +249,41 @@ def omniglot_splits(
     held = torch.randperm(train.num_classes, generator=generator)
     keep, validation = held[num_validation:].sort().values, held[:num_validation].sort().values
     return ClassSplits(train.select(keep), train.select(validation), test)
+
+
+def _hold_out_alphabets(
+    train: ClassImages,
+    background: ClassImages,
+    test: ClassImages,
+    split: str,
+    count: int,
+    num_validation: int,
+    generator: torch.Generator,
+    *,
+    call: str,
+) -> ClassSplits:
+    """Splits with ``count`` whole background alphabets held out for validation: out of the
+    training set for ``"lake"``, from the background alphabets outside it for the small sets."""
+    if split == "vinyals" or num_validation:
+        raise ValueError(
+            f"{call}: validation_alphabets holds out whole alphabets of the Lake splits "
+            "('lake', 'small1', 'small2'); for this split use num_validation (characters)."
+        )
+    mine = sorted({alphabet_of(n).split("/")[-1] for n in train.classes})
+    pool = mine if split == "lake" else sorted(
+        {alphabet_of(n).split("/")[-1] for n in background.classes} - set(mine)
+    )  # fmt: skip
+    if not 0 < count < len(pool) + (split != "lake"):
+        raise ValueError(
+            f"{call}: validation_alphabets={count} must be in [1, {len(pool) - (split == 'lake')}]"
+            f" ({len(pool)} alphabets to hold out from)."
+        )
+    held = {pool[i] for i in torch.randperm(len(pool), generator=generator)[:count].tolist()}
+
+    def where(data: ClassImages, inside: bool) -> ClassImages:
+        keep = [i for i, n in enumerate(data.classes) if (alphabet_of(n).split("/")[-1] in held)
+                == inside]  # fmt: skip
+        return data.select(keep)
+
+    validation = where(background, True)
+    return ClassSplits(where(train, False) if split == "lake" else train, validation, test)

@@ -17,14 +17,23 @@ from typing import Any, NamedTuple
 import torch
 
 from metafunc.data.cifarfs import cifar_fs_splits
-from metafunc.data.dataset import ClassSplits
+from metafunc.data.cub import cub_splits
+from metafunc.data.dataset import ClassImages, ClassSplits
+from metafunc.data.fc100 import fc100_splits
 from metafunc.data.folder import IMAGE_EXTENSIONS, folder_splits
+from metafunc.data.lake import WithinAlphabetRuns
 from metafunc.data.miniimagenet import mini_imagenet_splits
 from metafunc.data.omniglot import OMNIGLOT_URL, omniglot_splits
 from metafunc.data.sampler import EpisodeSampler, TaskSampler
 from metafunc.data.sinusoid import SinusoidTasks
+from metafunc.data.tiered import tiered_imagenet_splits
 
-__all__ = ["Benchmark", "benchmark_names", "get_benchmark"]
+__all__ = ["PROTOCOLS", "Benchmark", "benchmark_names", "get_benchmark"]
+
+PROTOCOLS = ("random", "within-alphabet")
+"""Omniglot's evaluation episodes: random characters of any alphabet (Vinyals et al.), or Lake et
+al.'s one-shot runs within one alphabet, support and queries by different drawers
+(:mod:`metafunc.data.lake`)."""
 
 
 class Benchmark(NamedTuple):
@@ -52,6 +61,7 @@ def _samplers(
     eval_rotations: Sequence[int] = (0,),
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
+    augment: str = "none",
 ) -> Benchmark:
     made: dict[str, EpisodeSampler | None] = {}
     for part in ClassSplits._fields:
@@ -64,6 +74,7 @@ def _samplers(
                 data, ways=c.ways, shots=c.shots, queries=c.queries,
                 rotations=rotations if part == "train" else eval_rotations,
                 mean=mean, std=std, device=c.device, dtype=c.dtype,
+                augment=augment if part == "train" else "none",
             )  # fmt: skip
         except ValueError as err:
             raise ValueError(f"get_benchmark({c.name!r}): the {part} split: {err}") from err
@@ -97,19 +108,43 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
         rotations: Sequence[int] = (0, 90, 180, 270),
         eval_rotations: Sequence[int] = (0,),
         num_validation: int | None = None,
+        validation_alphabets: int = 0,
         split_seed: int = 0,
+        protocol: str = "random",
+        augment: str = "none",
         cache_dir: str | os.PathLike[str] | None = None,
         cache: bool = True,
         download: bool = False,
         base_url: str = OMNIGLOT_URL,
         workers: int | None = None,
     ) -> Benchmark:
+        if protocol not in PROTOCOLS:
+            raise ValueError(
+                f"get_benchmark({c.name!r}): protocol={protocol!r}; use one of {PROTOCOLS}."
+            )
         splits = omniglot_splits(
-            _data_root(root, c), split, num_validation=num_validation, split_seed=split_seed,
+            _data_root(root, c), split, num_validation=num_validation,
+            validation_alphabets=validation_alphabets, split_seed=split_seed,
             image_size=image_size, resample=resample, cache_dir=cache_dir, cache=cache,
             download=download, base_url=base_url, workers=workers,
         )  # fmt: skip
-        return _samplers(splits, c, rotations=rotations, eval_rotations=eval_rotations)
+        made = _samplers(
+            splits, c, rotations=rotations, eval_rotations=eval_rotations, augment=augment
+        )
+        if protocol == "random":
+            return made
+
+        def runs(part: str, data: ClassImages) -> WithinAlphabetRuns:
+            try:
+                return WithinAlphabetRuns(
+                    data, ways=c.ways, shots=c.shots, queries=c.queries, device=c.device,
+                    dtype=c.dtype,
+                )  # fmt: skip
+            except ValueError as err:
+                raise ValueError(f"get_benchmark({c.name!r}): the {part} split: {err}") from err
+
+        validation = None if splits.validation is None else runs("validation", splits.validation)
+        return Benchmark(made.train, validation, runs("test", splits.test))
 
     return build
 
@@ -141,6 +176,57 @@ def _cifar_fs(
     std: float | Sequence[float] | None = None,
 ) -> Benchmark:
     return _samplers(cifar_fs_splits(_data_root(root, c)), c, mean=mean, std=std)
+
+
+def _tiered_imagenet(
+    root: Path | None,
+    c: _Common,
+    *,
+    image_size: int = 84,
+    resample: str = "lanczos",
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: bool = True,
+    workers: int | None = None,
+) -> Benchmark:
+    splits = tiered_imagenet_splits(
+        _data_root(root, c), image_size=image_size, resample=resample, cache_dir=cache_dir,
+        cache=cache, workers=workers,
+    )  # fmt: skip
+    return _samplers(splits, c, mean=mean, std=std)
+
+
+def _cub(
+    root: Path | None,
+    c: _Common,
+    *,
+    image_size: int = 84,
+    resample: str = "lanczos",
+    crop: str = "none",
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    cache: bool = True,
+    workers: int | None = None,
+) -> Benchmark:
+    splits = cub_splits(
+        _data_root(root, c), image_size=image_size, resample=resample, crop=crop,
+        cache_dir=cache_dir, cache=cache, workers=workers,
+    )  # fmt: skip
+    return _samplers(splits, c, mean=mean, std=std)
+
+
+def _fc100(
+    root: Path | None,
+    c: _Common,
+    *,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    download: bool = False,
+) -> Benchmark:
+    splits = fc100_splits(_data_root(root, c), download=download)
+    return _samplers(splits, c, mean=mean, std=std)
 
 
 def _folder(
@@ -179,6 +265,9 @@ _BUILDERS: dict[str, Callable[..., Benchmark]] = {
     "omniglot-small2": _omniglot("small2"),
     "mini-imagenet": _mini_imagenet,
     "cifar-fs": _cifar_fs,
+    "tiered-imagenet": _tiered_imagenet,
+    "cub": _cub,
+    "fc100": _fc100,
     "folder": _folder,
 }
 
@@ -219,7 +308,9 @@ def get_benchmark(
             split: 1100 / 100 / 423 characters), ``"omniglot-lake"`` (background / evaluation,
             no validation unless ``num_validation`` > 0), ``"omniglot-small1"``,
             ``"omniglot-small2"``, ``"mini-imagenet"`` (64 / 16 / 20), ``"cifar-fs"``
-            (64 / 16 / 20), ``"folder"`` (your ``root/<class>/`` images with ``split=``).
+            (64 / 16 / 20), ``"tiered-imagenet"`` (351 / 97 / 160), ``"cub"`` (CUB-200-2011,
+            100 / 50 / 50), ``"fc100"`` (CIFAR-100 by superclass, 60 / 20 / 20), ``"folder"``
+            (your ``root/<class>/`` images with ``split=``).
         root: the folder holding the dataset (e.g. ``omniglot-py/``); default
             ``$METAFUNC_DATA``. Unused by ``"sinusoid"``.
         ways: N (default 5); sinusoid tasks have no classes and take none.
@@ -228,9 +319,15 @@ def get_benchmark(
         device, dtype: where the images live and the float dtype of the batches.
         options: per-benchmark keyword arguments. Omniglot: ``image_size=28``, ``resample``,
             ``rotations=(0, 90, 180, 270)`` (training classes only), ``eval_rotations=(0,)``,
-            ``num_validation``, ``split_seed=0``, ``cache_dir``, ``cache``, ``download``,
-            ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``, ``resample``, ``mean``,
-            ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS: ``mean``, ``std``. Folder:
+            ``num_validation``, ``validation_alphabets=0``, ``split_seed=0``,
+            ``protocol="random"`` (or ``"within-alphabet"``: Lake et al.'s runs for validation
+            and test, :data:`PROTOCOLS`), ``augment="none"`` (``"affine"``: training images
+            distorted, :class:`~metafunc.data.EpisodeSampler`), ``cache_dir``, ``cache``,
+            ``download``, ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``,
+            ``resample``, ``mean``, ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS:
+            ``mean``, ``std``. tiered-ImageNet: ``image_size=84``, ``resample``, ``mean``,
+            ``std``, ``cache_dir``, ``cache``, ``workers``. CUB: the same and ``crop="none"``
+            (or ``"bbox"``). FC100: ``mean``, ``std``, ``download``. Folder:
             ``split`` (required), ``image_size=84``, ``channels=3``, ``resample``, ``mean``,
             ``std``, ``rotations``, ``extensions``, ``cache_dir``, ``cache``, ``workers``.
             Sinusoid: ``amplitude``, ``phase``, ``x_range``.

@@ -18,7 +18,9 @@ from metafunc.data import keys
 from metafunc.data.batch import TaskBatch
 from metafunc.data.dataset import ClassImages
 
-__all__ = ["EpisodeSampler", "TaskSampler"]
+__all__ = ["AUGMENTATIONS", "EpisodeSampler", "TaskSampler", "distort"]
+
+AUGMENTATIONS = ("none", "affine")
 
 # storage="auto"'s cap on the float copy, bytes: speed vs memory, HISTORY "sampler float storage"
 _FLOAT_LIMIT = 512 << 20
@@ -74,6 +76,11 @@ class EpisodeSampler:
         counts: int64 ``[classes]`` real examples per class, if the tensor is zero-padded.
         device: where images and batches live (default: the images' device).
         dtype: floating dtype of the returned images.
+        augment: ``"affine"`` distorts every image of :meth:`sample` by its own random affine
+            map (rotation ±10°, shear ±0.3, scale 0.8-1.2 per axis, shift ±2/28 of the side, as
+            Koch et al.'s Siamese networks and Lake et al.'s strokes are distorted): new drawings
+            of the same character for training; ``"none"`` (default). :meth:`episodes`, the
+            evaluation episodes, are never distorted.
         storage: ``"uint8"`` keeps the images as bytes and normalises each batch after the gather;
             ``"float"`` normalises all images once, so a batch is a single gather (faster, at
             4x the memory for float32; HISTORY "sampler float storage"); ``"auto"`` (default)
@@ -104,6 +111,7 @@ class EpisodeSampler:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         storage: str = "auto",
+        augment: str = "none",
     ) -> None:
         call = "EpisodeSampler(...)"
         names: tuple[str, ...] | None = None
@@ -132,6 +140,8 @@ class EpisodeSampler:
             raise TypeError(f"{call}: dtype={dtype} is not floating; use e.g. torch.float32.")
         if storage not in ("auto", "uint8", "float"):
             raise ValueError(f"{call}: storage={storage!r}; use 'auto', 'uint8' or 'float'.")
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"{call}: augment={augment!r}; use one of {AUGMENTATIONS}.")
         base, examples, channels, height, width = images.shape
         angles = _check_rotations(rotations, height, width, call=call)
         total = base * len(angles)
@@ -163,7 +173,7 @@ class EpisodeSampler:
         self.rotations = angles
         self.base_classes = names if names is not None else tuple(str(i) for i in range(base))
         self.device, self.dtype = device, dtype
-        self.mean, self.std, self.storage = mean, std, storage
+        self.mean, self.std, self.storage, self.augment = mean, std, storage, augment
         self._source = images
         self._examples = int(examples)
         self._image_shape = (int(channels), int(height), int(width))
@@ -206,7 +216,7 @@ class EpisodeSampler:
         args: dict[str, Any] = dict(
             ways=self.ways, shots=self.shots, queries=self.queries, rotations=self.rotations,
             mean=self.mean, std=self.std, device=self.device, dtype=self.dtype,
-            storage=self.storage,
+            storage=self.storage, augment=self.augment,
         )  # fmt: skip
         unknown = sorted(set(changes) - set(args))
         if unknown:
@@ -232,7 +242,11 @@ class EpisodeSampler:
         check_num_tasks(num_tasks, call=call)
         check_generator(generator, call=call)
         ids, rows = self._draw(num_tasks, generator)
-        return self._gather(rows), ids
+        batch = self.gather(rows)
+        if self.augment == "affine":
+            batch = TaskBatch(*(distort(x, generator) if x.is_floating_point() else x
+                                for x in batch))  # fmt: skip
+        return batch, ids
 
     def sample_keyed(self, num_tasks: int, key: torch.Tensor) -> TaskBatch:
         """A meta-batch of ``num_tasks`` tasks drawn from ``key`` (:mod:`metafunc.data.keys`):
@@ -250,7 +264,7 @@ class EpisodeSampler:
             fill = torch.arange(self._examples, device=device) >= real
             example_keys = example_keys.masked_fill(fill, -1.0)
         picks = example_keys.topk(self.shots + self.queries, dim=-1).indices
-        return self._gather(ids.unsqueeze(-1) * self._examples + picks)
+        return self.gather(ids.unsqueeze(-1) * self._examples + picks)
 
     def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
         """A fixed evaluation set: ``count`` tasks drawn from ``seed``, ``batch_size`` at a time.
@@ -260,7 +274,7 @@ class EpisodeSampler:
         """
         check_episodes_args(count, batch_size, call="EpisodeSampler.episodes")
         _, rows = self._draw(count, torch.Generator().manual_seed(seed))
-        return (self._gather(rows[i : i + batch_size]) for i in range(0, count, batch_size))
+        return (self.gather(rows[i : i + batch_size]) for i in range(0, count, batch_size))
 
     def batch(
         self, batch_size: int, generator: torch.Generator
@@ -298,7 +312,11 @@ class EpisodeSampler:
         picks = keys.topk(self.shots + self.queries, dim=-1).indices
         return ids, ids.unsqueeze(-1) * self._examples + picks
 
-    def _gather(self, rows: torch.Tensor) -> TaskBatch:
+    def gather(self, rows: torch.Tensor) -> TaskBatch:
+        """The tasks whose images are at ``rows`` ``[T, N, K + Q]`` (row ``class * examples +
+        example``; the first ``K`` of each class form the support set): how samplers with their
+        own rules of choice, such as :class:`~metafunc.data.lake.WithinAlphabetRuns`, build
+        batches."""
         tasks, ways, k, q = rows.shape[0], self.ways, self.shots, self.queries
         rows = rows.to(self.device, non_blocking=True)
         # One gather and one conversion for support and query: both are contiguous views.
@@ -317,6 +335,30 @@ class EpisodeSampler:
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype).mul_(self._scale)
         return x if self._shift is None else x.sub_(self._shift)
+
+
+def distort(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Every image of ``x [..., C, H, W]`` under its own random affine map (``augment='affine'``
+    of :class:`EpisodeSampler`), bilinear, zero outside (black, Omniglot's background)."""
+    shape = x.shape
+    flat = x.reshape(-1, *shape[-3:])
+    n, device = flat.shape[0], generator.device
+
+    def uniform(low: float, high: float, *size: int) -> torch.Tensor:
+        return low + (high - low) * torch.rand(n, *size, generator=generator, device=device)
+
+    angle = uniform(-math.pi / 18, math.pi / 18)
+    shear = uniform(-0.3, 0.3, 2)
+    scale = uniform(0.8, 1.2, 2)
+    shift = uniform(-2 / 14, 2 / 14, 2)  # ±2 pixels of 28: grid units span 2 per side
+    cos, sin = angle.cos(), angle.sin()
+    rotate = torch.stack([cos, -sin, sin, cos], -1).view(n, 2, 2)
+    skew = torch.eye(2, device=device).repeat(n, 1, 1)
+    skew[:, 0, 1], skew[:, 1, 0] = shear[:, 0], shear[:, 1]
+    theta = torch.cat([rotate @ skew / scale.unsqueeze(1), shift.unsqueeze(-1)], -1)
+    grid = torch.nn.functional.affine_grid(theta.to(x), list(flat.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(flat, grid.to(x.device), align_corners=False)
+    return out.reshape(shape)
 
 
 def _distinct(

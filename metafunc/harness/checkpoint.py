@@ -45,9 +45,11 @@ def save_checkpoint(
     metadata: dict[str, Any],
     *,
     keep: int = 3,
+    name: str | None = None,
 ) -> Path:
     """Write ``ckpt-<step>.safetensors`` atomically (temporary file, fsync, rename), then delete
-    all but the newest ``keep`` checkpoints. ``trees`` maps a prefix to a tree of tensors."""
+    all but the newest ``keep`` checkpoints. ``trees`` maps a prefix to a tree of tensors.
+    ``name``: write ``directory/name`` instead and delete nothing (e.g. the best checkpoint)."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -57,7 +59,7 @@ def save_checkpoint(
         tensors.update(_flat(prefix, tree))
     header = {"format": FORMAT, "step": str(step), "metadata": json.dumps(metadata)}
     data = save(tensors, metadata=header)
-    final = directory / f"ckpt-{step:08d}.safetensors"
+    final = directory / (name or f"ckpt-{step:08d}.safetensors")
     for stale in directory.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ckpt-", suffix=".tmp")
@@ -75,8 +77,9 @@ def save_checkpoint(
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    for old in sorted(directory.glob("ckpt-*.safetensors"))[:-keep]:
-        old.unlink(missing_ok=True)
+    if name is None:
+        for old in sorted(directory.glob("ckpt-*.safetensors"))[:-keep]:
+            old.unlink(missing_ok=True)
     return final
 
 

@@ -22,13 +22,15 @@ FINETUNE = ("head", "all")
 MODELS = ("auto", "mlp", "conv4", "conv4-maxpool", "resnet12")
 DATASETS = (
     "sinusoid", "omniglot", "omniglot-lake", "omniglot-small1", "omniglot-small2",
-    "mini-imagenet", "cifar-fs",
+    "mini-imagenet", "cifar-fs", "tiered-imagenet", "cub", "fc100",
 )  # fmt: skip
 STRATEGIES = ("auto", "vmap", "chunked", "loop", "threads")
 DTYPES = ("float32", "float64")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 COMPILE_CHOICES = ("auto", "off", *COMPILE_MODES)
 PRECISIONS = ("default", "ieee", "tf32", "bf16")
+PROTOCOLS = ("random", "within-alphabet")  # metafunc.data.PROTOCOLS, without importing torch
+AUGMENTATIONS = ("none", "affine")  # metafunc.data.AUGMENTATIONS
 
 
 class ConfigError(ValueError):
@@ -45,6 +47,9 @@ FLAGS: dict[str, tuple[str, str]] = {
     "data_root": ("task", "the folder holding the dataset (default $METAFUNC_DATA)"),
     "download": ("task", "fetch Omniglot's official zips (md5-checked) into --data-root"),
     "rotate_test": ("task", "Omniglot: test classes rotated by 90-degree multiples as new ones"),
+    "protocol": ("task", "Omniglot evaluation: random episodes, or Lake et al.'s runs"),
+    "augment": ("task", "Omniglot: training images distorted by random affine maps"),
+    "validation_alphabets": ("task", "Omniglot Lake splits: alphabets held out to validate"),
     "model": ("model", "the network; auto: mlp for the sinusoid, conv4 for images"),
     "hidden": ("model", "hidden units / channels (default: the paper's)"),
     "channels_last": ("model", "conv activations channels-last (default: on the CPU)"),
@@ -62,6 +67,9 @@ FLAGS: dict[str, tuple[str, str]] = {
     "report_steps": ("evaluation", "inner steps after which the test metrics are reported"),
     "eval_episodes": ("evaluation", "fixed test episodes of the final evaluation"),
     "eval_batch": ("evaluation", "test episodes per batch"),
+    "eval_every": ("evaluation", "steps between validation scores in metrics.jsonl (0: never)"),
+    "val_episodes": ("evaluation", "fixed validation episodes per score"),
+    "keep_best": ("evaluation", "keep the best-on-validation checkpoint and test it"),
     "device": ("speed", "cpu or cuda[:N]"),
     "dtype": ("speed", "floating dtype of the parameters and data"),
     "threads": ("speed", "torch intra-op threads (default: 1 for the sinusoid)"),
@@ -73,6 +81,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "checkpoint_every": ("run folder", "steps between checkpoints"),
     "keep_checkpoints": ("run folder", "checkpoints kept"),
     "train_ways": ("algorithm-specific", "ProtoNets, R2D2, MetaOptNet: training episodes' ways"),
+    "halve_every": ("algorithm-specific", "ProtoNets, R2D2, MetaOptNet: outer lr halved every"),
     "inner_optimizer": ("algorithm-specific", "Reptile, iMAML, baseline: sgd or adam"),
     "anneal": ("algorithm-specific", "Reptile: outer step size annealed linearly to 0"),
     "lam": ("algorithm-specific", "iMAML: proximal weight lambda"),
@@ -84,7 +93,8 @@ FLAGS: dict[str, tuple[str, str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS, "strategy": STRATEGIES,
     "dtype": DTYPES, "inner_optimizer": INNER_OPTIMIZERS, "finetune": FINETUNE,
-    "precision": PRECISIONS, "compile": COMPILE_CHOICES,
+    "precision": PRECISIONS, "compile": COMPILE_CHOICES, "protocol": PROTOCOLS,
+    "augment": AUGMENTATIONS,
 }  # fmt: skip
 GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "run folder",
           "algorithm-specific")  # fmt: skip
@@ -92,6 +102,7 @@ GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "r
 # keys that only some algorithms read: setting one for another algorithm is refused
 ONLY_FOR: dict[str, tuple[str, ...]] = {
     "train_ways": ("protonet", "r2d2", "metaoptnet"),
+    "halve_every": ("protonet", "r2d2", "metaoptnet"),
     "inner_optimizer": ("reptile", "imaml", "baseline"),
     "anneal": ("reptile",),
     "lam": ("imaml",),
@@ -141,6 +152,7 @@ class Config:
     hidden: int | None = None
     ways: int | None = None
     train_ways: int | None = None
+    halve_every: int = 2000
     shots: int = 10
     queries: int | None = None
     eval_shots: int | None = 5
@@ -159,6 +171,9 @@ class Config:
     weights: str | None = None
     batch_size: int = 128
     rotate_test: bool = True
+    protocol: str = "random"
+    augment: str = "none"
+    validation_alphabets: int = 0
     meta_batch: int = 25
     iterations: int = 5000
     outer_lr: float = 1e-3
@@ -173,6 +188,9 @@ class Config:
     channels_last: bool | None = None
     eval_episodes: int = 600
     eval_batch: int = 50
+    eval_every: int = 0
+    val_episodes: int = 200
+    keep_best: bool = False
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -211,6 +229,30 @@ class Config:
                 "--data-root."
             )
         choice("dataset", DATASETS)
+        choice("protocol", PROTOCOLS)
+        choice("augment", AUGMENTATIONS)
+        if self.augment != "none" and not self.dataset.startswith("omniglot"):
+            raise ConfigError(
+                f"config: augment={self.augment!r} (--augment) distorts Omniglot's strokes on "
+                f"black; {self.dataset} is not supported. Drop it."
+            )
+        lake_split = self.dataset in ("omniglot-lake", "omniglot-small1", "omniglot-small2")
+        if self.protocol != "random" and not self.dataset.startswith("omniglot"):
+            raise ConfigError(
+                f"config: protocol={self.protocol!r} (--protocol) scores Omniglot's alphabets; "
+                f"{self.dataset} has none. Drop it."
+            )
+        if self.validation_alphabets and not lake_split:
+            raise ConfigError(
+                "config: validation_alphabets (--validation-alphabets) holds out alphabets of "
+                "the Lake splits (omniglot-lake, omniglot-small1, omniglot-small2), not "
+                f"{self.dataset}."
+            )
+        if self.keep_best and not self.eval_every:
+            raise ConfigError(
+                "config: keep_best (--keep-best) keeps the best validation score, and none is "
+                "taken: add --eval-every N."
+            )
         choice("model", MODELS)
         choice("strategy", STRATEGIES)
         choice("dtype", DTYPES)
@@ -229,8 +271,12 @@ class Config:
             "keep_checkpoints",
             "cg_steps",
             "batch_size",
+            "val_episodes",
         ):
             positive(name)
+        positive("eval_every", allow_zero=True)
+        positive("halve_every", allow_zero=True)
+        positive("validation_alphabets", allow_zero=True)
         positive("eval_inner_steps", allow_zero=True)
         for name in (
             "ways",
@@ -400,6 +446,16 @@ _PROTONET = {
     **_OMNIGLOT_1S, "algorithm": "protonet", "train_ways": 60, "queries": 5, "eval_queries": 5,
     "meta_batch": 1, "eval_inner_steps": 0, "report_steps": [0], "iterations": 20000,
 }  # fmt: skip
+# Lake et al. 2015's one-shot protocol: trained on background alphabets only (5 of them held out
+# for validation, scored every 1,000 steps on fixed within-alphabet runs, the best kept), tested
+# on 20-way within-alphabet runs of the evaluation alphabets, support and query by two drawers.
+_LAKE = {
+    "dataset": "omniglot-lake", "protocol": "within-alphabet", "ways": 20, "eval_shots": 1,
+    "eval_queries": 1, "validation_alphabets": 5, "eval_every": 1000, "keep_best": True,
+    "rotate_test": False,
+}  # fmt: skip
+_PROTONET_LAKE = {**_PROTONET, **_LAKE, "augment": "affine", "iterations": 40000,
+                  "halve_every": 8000}  # fmt: skip
 PRESET_PAPERS: dict[str, str] = {
     "maml-sinusoid": "Finn et al. 2017",
     "baseline-sinusoid": "Finn et al. 2017 (baseline)",
@@ -415,6 +471,10 @@ PRESET_PAPERS: dict[str, str] = {
     "metaoptnet-omniglot-5w1s": "Lee et al. 2019",
     "reptile-omniglot-5w1s": "Nichol et al. 2018",
     "baseline-omniglot-5w1s": "Chen et al. 2019",
+    "protonet-omniglot-lake": "Lake et al. 2015 protocol",
+    "protonet-omniglot-small1": "Lake et al. 2015 protocol",
+    "protonet-omniglot-small2": "Lake et al. 2015 protocol",
+    "maml-omniglot-lake": "Lake et al. 2015 protocol",
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "maml-sinusoid": {**_SINUSOID},
@@ -447,4 +507,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128, "inner_steps": 100, "eval_inner_steps": 100,
         "report_steps": [0, 100], "iterations": 20000,
     },
+    # Lake et al.'s protocol: ProtoNets with affine stroke distortions, 60-way training episodes
+    "protonet-omniglot-lake": {**_PROTONET_LAKE},
+    "protonet-omniglot-small1": {**_PROTONET_LAKE, "dataset": "omniglot-small1",
+                                 "iterations": 20000, "halve_every": 4000},
+    "protonet-omniglot-small2": {**_PROTONET_LAKE, "dataset": "omniglot-small2",
+                                 "iterations": 20000, "halve_every": 4000},
+    "maml-omniglot-lake": {**_MAML_20W, **_LAKE, "augment": "affine"},
 }  # fmt: skip

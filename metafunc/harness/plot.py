@@ -32,7 +32,9 @@ def _pyplot() -> Any:
 
 
 def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
-    """One panel per logged metric of ``metrics.jsonl`` against the training step."""
+    """One panel per logged metric of ``metrics.jsonl`` against the training step; validation
+    scores (``--eval-every``: ``val_loss``, ``val_accuracy``) are drawn as points in the panel of
+    the training metric they match."""
     plt = _pyplot()
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -40,14 +42,20 @@ def plot_curves(run_dir: str | Path, out: str | Path) -> Path:
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     if not records:
         raise ConfigError(f"metafunc plot {run_dir}: metrics.jsonl is empty; train first.")
-    names = [k for k in records[-1] if k not in ("step", "time")]
+    logged = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "time")))
+    names = [k for k in logged if not (k.startswith("val_") and k[4:] in logged)]
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.5), squeeze=False)
-    steps = [r["step"] for r in records]
     for ax, name in zip(axes[0], names, strict=True):
-        ax.plot(steps, [r.get(name, float("nan")) for r in records], lw=1)
+        for key, style in ((name, {"lw": 1}), (f"val_{name}", {"marker": "o", "ms": 3})):
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points and (key == name or key in logged):
+                label = "validation" if key != name or name.startswith("val_") else "training"
+                ax.plot(*zip(*points, strict=True), label=label, **style)
         ax.set_xlabel("meta-iteration")
-        ax.set_title(name.replace("_", " "))
+        ax.set_title(name.removeprefix("val_").replace("_", " "))
         ax.grid(alpha=0.3)
+        if f"val_{name}" in logged:
+            ax.legend()
         if name.endswith("loss") and min(r.get(name, 1.0) for r in records) > 0:
             ax.set_yscale("log")
     fig.tight_layout()

@@ -27,7 +27,12 @@ from metafunc import tree as mt
 from metafunc.data import TaskBatch, get_benchmark
 from metafunc.data.cache import default_cache_dir, write_atomic
 from metafunc.harness import launch
-from metafunc.harness.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from metafunc.harness.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from metafunc.harness.config import Config, ConfigError
 from metafunc.step import CompileError, Step, StepState, compile_step
 from metafunc.strategies import default_strategy, strategy_label
@@ -53,6 +58,7 @@ class Run:
     test_tasks: Any
     device: torch.device
     dtype: torch.dtype
+    validation_tasks: Any = None  # None: the benchmark has no validation split
     meta_grad: Any = None  # algorithm.meta_grad, or its compiled form with config.compile
 
     def __post_init__(self) -> None:
@@ -97,6 +103,9 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             "sinusoid": "mlp",
             "mini-imagenet": "conv4-maxpool",
             "cifar-fs": "conv4-maxpool",
+            "tiered-imagenet": "conv4-maxpool",
+            "cub": "conv4-maxpool",
+            "fc100": "conv4-maxpool",
         }.get(cfg.dataset, "conv4")
     if kind == "mlp":
         if not cfg.is_regression:
@@ -118,7 +127,7 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
             channels_last=cfg.channels_last,
         )
     if kind == "conv4-maxpool":
-        size = 84 if cfg.dataset == "mini-imagenet" else 32
+        size = 84 if cfg.dataset in ("mini-imagenet", "tiered-imagenet", "cub") else 32
         return models.conv4(
             ways,
             hidden=cfg.hidden or 32,
@@ -166,7 +175,9 @@ def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.
     heads = {"protonet": algorithms.ProtoNet, "r2d2": algorithms.R2D2,
              "metaoptnet": algorithms.MetaOptNet}  # fmt: skip
     if name in heads:
-        return heads[name](build_model(cfg, None), shots=cfg.shots, **common)
+        return heads[name](
+            build_model(cfg, None), shots=cfg.shots, halve_every=cfg.halve_every or None, **common
+        )
     # the pretrain-then-fine-tune baseline
     extra: dict[str, Any] = {"finetune": cfg.finetune}
     if cfg.is_regression:
@@ -196,8 +207,14 @@ def build(cfg: Config) -> Run:
         Path(root).mkdir(parents=True)
     common: dict[str, Any] = {"device": device, "dtype": dtype}
     options: dict[str, Any] = {}
-    if cfg.dataset.startswith("omniglot") and cfg.rotate_test:
-        options["eval_rotations"] = (0, 90, 180, 270)
+    if cfg.dataset.startswith("omniglot"):
+        options["protocol"] = cfg.protocol
+        if cfg.rotate_test:
+            options["eval_rotations"] = (0, 90, 180, 270)
+        if cfg.validation_alphabets:
+            options["validation_alphabets"] = cfg.validation_alphabets
+        if cfg.augment != "none":
+            options["augment"] = cfg.augment
     if cfg.download:  # Omniglot's official zips (a mirror: $METAFUNC_OMNIGLOT_URL)
         options["download"] = True
         mirror = os.environ.get("METAFUNC_OMNIGLOT_URL")
@@ -207,17 +224,18 @@ def build(cfg: Config) -> Run:
     train_kw = dict(common) if ways is None else {**common, "ways": cfg.train_ways or ways}
     test_kw = dict(common) if ways is None else {**common, "ways": ways}
     try:
-        train = get_benchmark(
-            cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **train_kw, **options
-        ).train
-        test = get_benchmark(
+        train = get_benchmark(  # the protocol picks evaluation episodes, at evaluation's ways
+            cfg.dataset, root, shots=cfg.shots, queries=cfg.queries, **train_kw,
+            **{k: v for k, v in options.items() if k != "protocol"},
+        ).train  # fmt: skip
+        evaluation = get_benchmark(
             cfg.dataset,
             root,
             shots=cfg.eval_shots or cfg.shots,
             queries=cfg.eval_queries or cfg.queries,
             **test_kw,
             **options,
-        ).test
+        )
     except (FileNotFoundError, ValueError) as error:
         if not _missing_data(error):
             raise
@@ -229,7 +247,12 @@ def build(cfg: Config) -> Run:
     eval_alg = alg
     if isinstance(alg, algorithms.ProtoNet):  # R2D2, MetaOptNet too: test shots may differ
         eval_alg = dataclasses.replace(alg, shots=cfg.eval_shots or cfg.shots)
-    return Run(cfg, alg, eval_alg, train, test, device, dtype)
+    if cfg.eval_every and evaluation.validation is None:
+        raise ConfigError(
+            f"config: eval_every (--eval-every) scores the validation split, and {cfg.dataset} "
+            "has none here: add --validation-alphabets N (Omniglot's Lake splits)."
+        )
+    return Run(cfg, alg, eval_alg, train, evaluation.test, device, dtype, evaluation.validation)
 
 
 def _missing_data(error: Exception) -> bool:
@@ -330,10 +353,17 @@ def _check_finite(
 
 
 def evaluate(
-    run: Run, meta: Any, *, episodes: int | None = None, seed: int = 1234
+    run: Run,
+    meta: Any,
+    *,
+    episodes: int | None = None,
+    seed: int = 1234,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """The standard protocol: a fixed, seeded set of test episodes; mean ± 95% interval of the
-    query loss (and accuracy) after each of ``report_steps`` inner steps.
+    """The standard protocol: a fixed, seeded set of test episodes (``split='validation'``: of
+    validation episodes); mean ± 95% interval of the query loss (and accuracy) after each of
+    ``report_steps`` inner steps. Under ``protocol='within-alphabet'`` the episodes are Lake et
+    al.'s runs, whose error is one minus the accuracy.
 
     Under ``torch.distributed`` every rank must call it: the batches of episodes are dealt to the
     ranks in turn and their per-episode metrics all-gathered, so every rank returns the same
@@ -342,7 +372,8 @@ def evaluate(
     count = episodes or cfg.eval_episodes
     rank, world = mdist.rank(), mdist.world_size()
     mine: list[tuple[int, dict[str, torch.Tensor]]] = []
-    for i, batch in enumerate(run.test_tasks.episodes(count, seed, batch_size=cfg.eval_batch)):
+    tasks = run.test_tasks if split == "test" else run.validation_tasks
+    for i, batch in enumerate(tasks.episodes(count, seed, batch_size=cfg.eval_batch)):
         if i % world == rank:
             with run.precision():
                 metrics = run.eval_algorithm.evaluate(meta, batch, cfg.eval_inner_steps)
@@ -355,7 +386,10 @@ def evaluate(
     for _, metrics in mine:
         for k, v in metrics.items():
             per_step.setdefault(k, []).append(v)
-    results: dict[str, Any] = {"episodes": count, "seed": seed, "steps": list(cfg.report_steps)}
+    results: dict[str, Any] = {
+        "split": split, "protocol": cfg.protocol, "episodes": count, "seed": seed,
+        "steps": list(cfg.report_steps),
+    }  # fmt: skip
     for k, chunks in per_step.items():
         values = torch.cat(chunks)  # [episodes, steps + 1]
         mean = values.mean(0)
@@ -370,12 +404,19 @@ def _format_results(results: dict[str, Any], regression: bool) -> str:
     key = "loss" if regression else "accuracy"
     name = "MSE" if regression else "accuracy"
     scale = 1.0 if regression else 100.0
+    lake = results.get("protocol") == "within-alphabet"
     lines = []
     for s, v in results[key].items():
-        lines.append(
-            f"  {name} after {s:>2} steps: {scale * v['mean']:.3f} ± {scale * v['ci95']:.3f}"
-        )
-    return f"test ({results['episodes']} episodes, 95% interval):\n" + "\n".join(lines)
+        mean = v["mean"]
+        if lake:  # Lake et al. report the error
+            name, mean = "error %", 1.0 - mean
+        lines.append(f"  {name} after {s:>2} steps: {scale * mean:.3f} ± {scale * v['ci95']:.3f}")
+    what = "runs within one alphabet" if lake else "episodes"
+    which = f", checkpoint {results['checkpoint']}" if "checkpoint" in results else ""
+    return (
+        f"{results.get('split', 'test')} ({results['episodes']} {what}{which}, 95% interval):\n"
+        + "\n".join(lines)
+    )
 
 
 def _format_timings(timings: dict[str, float | str]) -> str:
@@ -664,6 +705,8 @@ def _train(
         start, meta, opt_state = int(state["step"]), state["meta"], state["opt"]
         data_gen.set_state(state["rng"])
 
+    best = _best_score(run_dir) if cfg.keep_best else None
+
     def checkpoint(step: int) -> Path:
         return save_checkpoint(
             run_dir, step, {"meta": meta, "opt": opt_state, "rng": {"data": data_gen.get_state()}},
@@ -734,6 +777,16 @@ def _train(
                     | {"tasks/s": f"{(done - start) * cfg.meta_batch / elapsed:.0f}"}
                 )
             bar.update(1)
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.iterations):
+                scores = validate(run, meta)  # every rank: evaluate deals episodes to ranks
+                if log is not None:
+                    log.write(json.dumps({"step": done, **scores}) + "\n")
+                    log.flush()
+                score = scores["val_loss" if cfg.is_regression else "val_accuracy"]
+                if cfg.keep_best and lead and _better(score, best, cfg.is_regression):
+                    best = score
+                    save_checkpoint(run_dir, done, {"meta": meta}, {"score": score},
+                                    name=BEST)  # fmt: skip
             if lead and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
                 checkpoint(done)
             if sync_every and (done % sync_every == 0 or done == cfg.iterations):
@@ -753,13 +806,55 @@ def _train(
     if step_fn is not None and step_fn.compile_seconds and not compiled and step > start:
         compile_s = step_fn.compile_seconds[0]
         remember_compile(cfg, compile_s, 1e3 * (train_seconds - compile_s) / (step + 1 - start))
-    results = evaluate(run, meta)
-    results["train_seconds"] = round(train_seconds, 1)
+    which = f"final (step {cfg.iterations})"
+    if cfg.keep_best:  # every rank reads the file rank 0 wrote (torchrun shares a file system)
+        if world > 1:
+            torch.distributed.barrier()
+        step_best, meta = load_best(run, run_dir)
+        which = f"{BEST} (step {step_best})"
+    results = {**evaluate(run, meta), "checkpoint": which, "train_seconds": round(train_seconds, 1)}
     if lead:
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         if not quiet:
             print(_format_results(results, cfg.is_regression))
     return results
+
+
+BEST = "best.safetensors"
+"""The best-on-validation meta-parameters of a ``keep_best`` run, in its run folder."""
+VALIDATION_SEED = 4321
+"""Seed of the validation episodes: fixed, so scores are comparable across steps and runs."""
+
+
+def validate(run: Run, meta: Any) -> dict[str, float]:
+    """The validation scores ``eval_every`` logs: mean query loss and accuracy after the last
+    report step, on ``val_episodes`` fixed validation episodes."""
+    cfg = run.config
+    results = evaluate(run, meta, episodes=cfg.val_episodes, seed=VALIDATION_SEED,
+                       split="validation")  # fmt: skip
+    last = str(cfg.report_steps[-1])
+    return {f"val_{k}": results[k][last]["mean"] for k in ("loss", "accuracy") if k in results}
+
+
+def _better(score: float, best: float | None, regression: bool) -> bool:
+    return best is None or (score < best if regression else score > best)
+
+
+def _best_score(run_dir: Path) -> float | None:
+    """The score of the run's best checkpoint so far (``None``: none yet), for a resumed run."""
+    from safetensors import safe_open
+
+    if not (run_dir / BEST).is_file():
+        return None
+    with safe_open(str(run_dir / BEST), framework="pt") as f:
+        return float(json.loads((f.metadata() or {})["metadata"])["score"])
+
+
+def load_best(run: Run, run_dir: Path) -> tuple[int, Any]:
+    """``(step, meta-parameters)`` of the run's best-on-validation checkpoint."""
+    template = {"meta": run.algorithm.init(dtype=run.dtype, device=run.device)}
+    step, trees, _ = load_checkpoint(run_dir / BEST, template)
+    return step, trees["meta"]
 
 
 def _tensorboard(run_dir: Path) -> Any:
@@ -791,8 +886,14 @@ def set_threads(cfg: Config) -> None:
         torch.set_num_threads(threads)
 
 
-def load_run(run_dir: str | Path) -> tuple[Run, Any, Path]:
-    """``(run, meta_params, checkpoint path)`` of a run folder's latest checkpoint."""
+def load_run(run_dir: str | Path, **changes: Any) -> tuple[Run, Any, str]:
+    """``(run, meta-parameters, which checkpoint)`` of a run folder: its best-on-validation
+    checkpoint if it kept one (``keep_best``), else its latest.
+
+    ``changes``: config keys to evaluate under instead, e.g. ``protocol='within-alphabet'``, or
+    ``dataset`` (with ``data_root``) for cross-domain evaluation: the run's model scores the
+    other benchmark's test classes, at that benchmark's image size and normalisation, which the
+    model must accept (mini-ImageNet to CUB, say)."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir) if run_dir.is_dir() else None
     if ckpt is None or not (run_dir / "config.json").is_file():
@@ -800,11 +901,27 @@ def load_run(run_dir: str | Path) -> tuple[Run, Any, Path]:
             f"{run_dir}: no config.json and checkpoint (ckpt-*.safetensors) in that folder; "
             "pass the folder `metafunc train` wrote."
         )
-    cfg = Config.from_dict(
+    trained = Config.from_dict(
         json.loads((run_dir / "config.json").read_text()), source=f"{run_dir}/config.json"
     )
+    if trained.keep_best and (run_dir / BEST).is_file():
+        ckpt = run_dir / BEST
+    other = changes.get("dataset", trained.dataset) != trained.dataset
+    if other:  # the training run's validation settings belong to its own dataset
+        changes = {"validation_alphabets": 0, "eval_every": 0, "keep_best": False,
+                   "protocol": "random", "augment": "none", "download": False,
+                   **changes}  # fmt: skip
+    cfg = trained.replace(**changes)
     run = build(cfg)
-    _, trees, _ = load_checkpoint(
-        ckpt, {"meta": run.algorithm.init(dtype=run.dtype, device=run.device)}
-    )
-    return run, trees["meta"], ckpt
+    template = {"meta": run.algorithm.init(dtype=run.dtype, device=run.device)}
+    try:
+        step, trees, _ = load_checkpoint(ckpt, template)
+    except CheckpointError as err:
+        if not other:
+            raise
+        raise ConfigError(
+            f"eval {run_dir} --dataset {cfg.dataset}: the model trained on {trained.dataset} "
+            f"does not take {cfg.dataset}'s images ({err}). Cross-domain evaluation needs "
+            "benchmarks of one image size and channel count (e.g. mini-imagenet and cub)."
+        ) from None
+    return run, trees["meta"], f"{ckpt.name} (step {step})"

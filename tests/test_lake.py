@@ -1,0 +1,239 @@
+"""Lake et al.'s one-shot protocol: drawers from file names, within-alphabet runs, alphabet-level
+validation splits, affine distortions, validation during training and cross-domain evaluation."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from metafunc.cli import main
+from metafunc.data import (
+    ClassImages,
+    EpisodeSampler,
+    WithinAlphabetRuns,
+    get_benchmark,
+    load_omniglot,
+    omniglot_splits,
+)
+from metafunc.harness import Config, ConfigError
+from metafunc.harness.run import load_run
+
+BACKGROUND = {"Alpha": 4, "Beta": 3, "Gamma": 3, "Delta": 3}
+EVALUATION = {"Eta": 5, "Theta": 4, "Iota": 2}
+DRAWERS = 5
+
+
+def write_omniglot(root: Path, stem: str, alphabets: dict[str, int], *, named: bool = True) -> None:
+    """Omniglot's folder layout, ``DRAWERS`` drawings per character named ``XXXX_YY.png``. Each
+    image is ``character * 8 + drawer`` on one pixel, so tests can read back who drew what."""
+    number = 0
+    for alphabet, characters in alphabets.items():
+        for c in range(characters):
+            number += 1
+            folder = root / "omniglot-py" / stem / alphabet / f"character{c + 1:02d}"
+            folder.mkdir(parents=True)
+            for d in range(1, DRAWERS + 1):
+                pixels = torch.full((28, 28), 255, dtype=torch.uint8)  # inverted on load
+                pixels[0, 0] = 255 - (number * 8 + d)
+                name = f"{number:04d}_{d:02d}.png" if named else f"drawing{d}.png"
+                Image.fromarray(pixels.numpy()).save(folder / name)
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
+    write_omniglot(tmp_path / "data", "images_background", BACKGROUND)
+    write_omniglot(tmp_path / "data", "images_evaluation", EVALUATION)
+    return tmp_path / "data"
+
+
+def who(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(character number, drawer) of images written by :func:`write_omniglot`."""
+    code = (x[..., 0, 0, 0] * 255).round().long()
+    return code // 8, code % 8
+
+
+def test_drawers_come_from_the_file_names(root: Path) -> None:
+    data = load_omniglot(root, "evaluation", workers=1)
+    assert data.drawers is not None and data.drawers.shape == (11, DRAWERS)
+    assert data.drawers.tolist() == [list(range(1, DRAWERS + 1))] * 11
+    again = load_omniglot(root, "evaluation", workers=1)  # the cache keeps them
+    assert again.drawers is not None and torch.equal(again.drawers, data.drawers)
+    assert data.select([2, 0]).drawers.tolist() == data.drawers[[2, 0]].tolist()
+
+
+def test_runs_are_within_one_alphabet_with_two_drawers(root: Path) -> None:
+    data = load_omniglot(root, "evaluation", workers=1)
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 alphabets: .*Iota \(2 characters"):
+        runs = WithinAlphabetRuns(data, ways=3, shots=1, queries=2)
+    assert runs.alphabets == 2 and list(runs.skipped) == ["images_evaluation/Iota"]
+    first = {1: "Eta", 6: "Theta"}  # first character number of each alphabet run draws from
+    batches = list(runs.episodes(40, seed=3, batch_size=16))
+    assert [b.num_tasks for b in batches] == [16, 16, 8]
+    for batch in batches:
+        s_char, s_drawer = who(batch.support_x)
+        q_char, q_drawer = who(batch.query_x)
+        for t in range(batch.num_tasks):
+            chars = s_char[t].tolist()
+            assert len(set(chars)) == 3, "distinct characters"
+            assert len({max(k for k in first if k <= c) for c in chars}) == 1, "one alphabet"
+            assert len(set(s_drawer[t].tolist())) == 1, "one support drawer"
+            assert set(q_drawer[t].tolist()).isdisjoint(s_drawer[t].tolist())
+            assert q_char[t].tolist() == [c for c in chars for _ in range(2)]
+        assert batch.support_y[0].tolist() == [0, 1, 2]
+    again = torch.cat([b.support_x for b in runs.episodes(40, seed=3, batch_size=7)])
+    assert torch.equal(again, torch.cat([b.support_x for b in batches])), "fixed by the seed"
+
+
+def test_runs_refuse_images_without_drawers_and_too_many_ways(root: Path, tmp_path: Path) -> None:
+    data = load_omniglot(root, "evaluation", workers=1)
+    with pytest.raises(ValueError, match=r"needs who drew each image.*XXXX_YY\.png"):
+        WithinAlphabetRuns(data._replace(drawers=None))
+    with pytest.raises(ValueError, match=r"no alphabet has 6 characters.*lower ways"):
+        WithinAlphabetRuns(data, ways=6)
+    renamed = tmp_path / "renamed"
+    write_omniglot(renamed, "images_background", BACKGROUND, named=False)
+    write_omniglot(renamed, "images_evaluation", EVALUATION, named=False)
+    plain = load_omniglot(renamed, "evaluation", workers=1, cache=False)
+    assert plain.drawers is None
+    with pytest.raises(ValueError, match="the test split: .*needs who drew each image"):
+        get_benchmark("omniglot-lake", renamed, ways=2, queries=1, protocol="within-alphabet",
+                      cache=False)  # fmt: skip
+
+
+def test_validation_alphabets_hold_out_whole_alphabets(root: Path) -> None:
+    splits = omniglot_splits(root, "lake", validation_alphabets=2, split_seed=1)
+    assert splits.validation is not None
+
+    def alphabets(data: ClassImages) -> set[str]:
+        return {n.split("/")[1] for n in data.classes}
+
+    assert len(alphabets(splits.validation)) == 2
+    assert alphabets(splits.train) | alphabets(splits.validation) == set(BACKGROUND)
+    assert not alphabets(splits.train) & alphabets(splits.validation)
+    assert alphabets(splits.test) == set(EVALUATION)
+    with pytest.raises(ValueError, match=r"validation_alphabets=4 must be in \[1, 3\]"):
+        omniglot_splits(root, "lake", validation_alphabets=4)
+    with pytest.raises(ValueError, match="for this split use num_validation"):
+        omniglot_splits(root, "lake", validation_alphabets=1, num_validation=2)
+
+
+def test_protocol_option_and_its_errors(root: Path) -> None:
+    bench = get_benchmark("omniglot-lake", root, ways=2, shots=1, queries=1,
+                          protocol="within-alphabet", validation_alphabets=1)  # fmt: skip
+    assert isinstance(bench.test, WithinAlphabetRuns)
+    assert isinstance(bench.validation, WithinAlphabetRuns)
+    assert isinstance(bench.train, EpisodeSampler)
+    with pytest.raises(ValueError, match=r"protocol='lake'; use one of \('random'"):
+        get_benchmark("omniglot-lake", root, protocol="lake")
+
+
+def test_affine_distortion_is_seeded_and_spares_evaluation(root: Path) -> None:
+    plain = get_benchmark("omniglot-lake", root, ways=3, queries=1).train
+    bent = get_benchmark("omniglot-lake", root, ways=3, queries=1, augment="affine").train
+    a = bent.sample(4, torch.Generator().manual_seed(0))
+    b = bent.sample(4, torch.Generator().manual_seed(0))
+    c = plain.sample(4, torch.Generator().manual_seed(0))
+    assert torch.equal(a.support_x, b.support_x) and a.support_x.shape == c.support_x.shape
+    assert not torch.equal(a.support_x, c.support_x) and torch.equal(a.support_y, c.support_y)
+    assert a.support_x.min() >= 0 and a.support_x.max() <= 1
+    same = [torch.equal(x.support_x, y.support_x)
+            for x, y in zip(bent.episodes(4, 0), plain.episodes(4, 0), strict=True)]  # fmt: skip
+    assert all(same)
+    with pytest.raises(ValueError, match=r"augment='elastic'; use one of \('none', 'affine'\)"):
+        EpisodeSampler(torch.zeros(3, 2, 4, 4, dtype=torch.uint8), ways=2, shots=1, queries=1,
+                       augment="elastic")  # fmt: skip
+
+
+TRAIN = ["train", "--algorithm", "protonet", "--dataset", "omniglot-lake", "--ways", "2",
+         "--shots", "1", "--eval-shots", "1", "--queries", "1", "--eval-queries", "1",
+         "--train-ways", "3",
+         "--meta-batch", "1", "--eval-inner-steps", "0", "--report-steps", "0", "--hidden", "4",
+         "--protocol", "within-alphabet", "--validation-alphabets", "1", "--eval-every", "2",
+         "--val-episodes", "5", "--eval-episodes", "6", "--strategy", "loop", "--compile", "off",
+         "--augment", "affine", "--quiet", "--log-every", "1"]  # fmt: skip
+
+
+def test_validation_during_training_keeps_the_best(root: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run), "--keep-best"]
+    assert main([*argv, "--iterations", "4"]) == 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "val_accuracy" in r]
+    assert [r["step"] for r in scored] == [2, 4] and all("val_loss" in r for r in scored)
+    best = max(scored, key=lambda r: r["val_accuracy"])  # the first of equal scores is kept
+    first_best = next(r["step"] for r in scored if r["val_accuracy"] == best["val_accuracy"])
+    result = json.loads((run / "eval.json").read_text())
+    assert result["checkpoint"] == f"best.safetensors (step {first_best})"
+    assert result["protocol"] == "within-alphabet" and result["episodes"] == 6
+    assert main(["eval", str(run), "--episodes", "4"]) == 0
+    assert "test (4 runs within one alphabet, checkpoint best" in capsys.readouterr().out
+    assert main(["eval", str(run), "--protocol", "random", "--episodes", "4"]) == 0
+    other = json.loads((run / "eval-random.json").read_text())
+    assert other["protocol"] == "random" and other["checkpoint"] == result["checkpoint"]
+    assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+
+
+def write_cifar100(root: Path) -> None:
+    """CIFAR-100's python files as torchvision unpacks them, two images per class."""
+    from metafunc.data import CIFAR_FS_CLASSES
+
+    names = sorted(n for split in CIFAR_FS_CLASSES.values() for n in split)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    for part in ("train", "test"):
+        labels = [c for c in range(100) for _ in range(2)]
+        data = torch.zeros(len(labels), 3072, dtype=torch.uint8).numpy()
+        with open(folder / part, "wb") as f:
+            pickle.dump({"data": data, "fine_labels": labels}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": names}, f)
+
+
+def test_cross_domain_eval(root: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main([*TRAIN, "--data-root", str(root), "--run-dir", str(run), "--iterations", "2"]) == 0
+    write_omniglot(root, "images_background_small1", {"Alpha": 4, "Zeta": 3})
+    assert main(["eval", str(run), "--dataset", "omniglot-small1", "--episodes", "4"]) == 0
+    result = json.loads((run / "eval-omniglot-small1.json").read_text())
+    assert result["protocol"] == "random" and result["episodes"] == 4
+    with pytest.raises(SystemExit):  # an unknown dataset name is refused by the parser
+        main(["eval", str(run), "--dataset", "no-such-set"])
+    write_cifar100(tmp_path / "cifar")
+    with pytest.raises(ConfigError, match=r"trained on omniglot-lake does not take cifar-fs's"):
+        load_run(run, dataset="cifar-fs", data_root=str(tmp_path / "cifar"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"keep_best": True}, r"keep_best \(--keep-best\) .* add --eval-every N"),
+        ({"protocol": "within-alphabet", "dataset": "cifar-fs"}, "has none. Drop it"),
+        ({"validation_alphabets": 2, "dataset": "omniglot"}, "not omniglot"),
+        ({"augment": "affine", "dataset": "mini-imagenet"}, "mini-imagenet is not supported"),
+        ({"halve_every": 10}, r"applies to protonet, r2d2, metaoptnet, not maml"),
+    ],
+)
+def test_config_refuses_misplaced_keys(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config(**changes)
+
+
+def test_eval_every_needs_a_validation_split(root: Path, tmp_path: Path) -> None:
+    argv = [a for a in TRAIN if a not in ("--validation-alphabets", "1")]
+    with pytest.raises(SystemExit):
+        main([*argv, "--data-root", str(root), "--run-dir", str(tmp_path / "r"),
+              "--iterations", "2"])  # fmt: skip
+
+
+def test_full_omniglot_has_twenty_drawers_per_character(data_root: Path, tmp_path: Path) -> None:
+    runs = get_benchmark("omniglot-lake", data_root, ways=20, shots=1, queries=1,
+                         protocol="within-alphabet", cache_dir=tmp_path).test  # fmt: skip
+    assert runs.alphabets == 20 and not runs.skipped  # every evaluation alphabet has >= 20
+    batch = next(runs.episodes(2, seed=0))
+    assert batch.support_x.shape == (2, 20, 1, 28, 28) and batch.query_x.shape == (2, 20, 1, 28, 28)
