@@ -100,3 +100,16 @@ def test_both_algorithms_give_one_meta_gradient_under_every_strategy(cls, rtol):
     for strategy in ("loop", "threads"):
         err = tree.global_norm(tree.sub(grads[strategy], grads["vmap"]))
         assert float(err / tree.global_norm(grads["vmap"])) <= rtol
+
+
+def test_metaoptnet_ridge_head_is_the_closed_form_ridge_with_a_learned_scale():
+    batch = episodes(2)
+    alg = MetaOptNet(mf.conv4(None, hidden=8), shots=1, head="ridge", lam=50.0)
+    meta = tree.cast(alg.init(torch.Generator().manual_seed(3)), DT)
+    meta["head"]["scale"] = torch.tensor(2.5, dtype=DT)
+    emb = alg.model.apply(meta["params"], torch.cat([batch.support_x[0], batch.query_x[0]]))
+    ridge = ridge_logits(emb[:WAYS], batch.support_y[0], emb[WAYS:], WAYS, 50.0)
+    logits = alg.task_logits(meta, TaskBatch(*(f[0] for f in batch)))
+    assert torch.allclose(logits, 2.5 * ridge, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"MetaOptNet\(head\): 'qp' is not 'svm' or 'ridge'"):
+        MetaOptNet(mf.conv4(None, hidden=8), shots=1, head="qp")

@@ -145,18 +145,28 @@ class R2D2(ProtoNet):
 
 @dataclass(frozen=True)
 class MetaOptNet(ProtoNet):
-    """MetaOptNet-SVM (Lee et al., 2019): a Crammer-Singer multi-class SVM (:func:`svm_logits`)
-    fitted on each task's support embeddings, its dual solved by ``svm_steps`` projected
-    gradient steps and differentiated implicitly; a learned scale on its query scores, as the
-    authors' code has: ``meta_params = {'params': embedding, 'head': {'scale'}}``."""
+    """MetaOptNet (Lee et al., 2019) with its two heads, ``head='svm'`` (MetaOptNet-SVM, the
+    default) or ``head='ridge'`` (MetaOptNet-RR). The SVM head is a Crammer-Singer multi-class
+    SVM (:func:`svm_logits`) fitted on each task's support embeddings, its dual solved by
+    ``svm_steps`` projected gradient steps and differentiated implicitly; the ridge head is
+    ridge regression onto one-hot labels with the fixed regulariser ``lam`` (50 in the authors'
+    code), in closed form (:func:`ridge_logits`). Both have a learned scale on their query
+    scores, as the authors' code has: ``meta_params = {'params': embedding, 'head': {'scale'}}``.
+    """
 
     c: float = 0.1
     svm_steps: int = 200
+    head: str = "svm"
+    lam: float = 50.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_lr(type(self).__name__, "c", self.c)
-        check_steps(type(self).__name__, "svm_steps", self.svm_steps)
+        name = type(self).__name__
+        check_lr(name, "c", self.c)
+        check_steps(name, "svm_steps", self.svm_steps)
+        check_lr(name, "lam", self.lam)
+        if self.head not in ("svm", "ridge"):
+            raise ValueError(f"{name}(head): {self.head!r} is not 'svm' or 'ridge'.")
 
     def init(
         self,
@@ -174,7 +184,9 @@ class MetaOptNet(ProtoNet):
         ways = ways_of(f"{type(self).__name__}(shots, ways)", self.ways, self.shots, n_support)
         emb = self.model.apply(meta_params["params"], torch.cat([task.support_x, task.query_x]))
         emb = emb.flatten(1)
-        scores = svm_logits(
-            emb[:n_support], task.support_y, emb[n_support:], ways, self.c, self.svm_steps
-        )
+        support, query = emb[:n_support], emb[n_support:]
+        if self.head == "ridge":
+            scores = ridge_logits(support, task.support_y, query, ways, self.lam)
+        else:
+            scores = svm_logits(support, task.support_y, query, ways, self.c, self.svm_steps)
         return meta_params["head"]["scale"] * scores
