@@ -14,6 +14,10 @@ steps; with meta-batch 100; Meta-SGD on the sinusoid; conv4 Omniglot-shaped 5-wa
 queries, meta-batch 32, one step at 0.4) and 20-way 1-shot (5 queries, meta-batch 16, 5 steps
 at 0.1) on a bank of random 28x28 images.
 
+On a GPU machine without JAX (``benchmarks/gpu.sh``), ``--no-jax --device cuda --modes
+eager,default,reduce-overhead`` times metafunc's step alone: eager, compiled, and compiled with
+CUDA graphs (``reduce-overhead``).
+
 Usage:
     python benchmarks/bench_jax.py                        # every setting
     python benchmarks/bench_jax.py --settings sinusoid,sinusoid-5steps --rounds 7
@@ -75,19 +79,20 @@ BANK_CLASSES = 964  # Omniglot's background classes, 20 drawings each
 
 def build(spec: dict[str, Any]) -> tuple[Any, Any]:
     """The metafunc algorithm of a setting, and its task sampler for the step."""
-    model = mf.mlp() if spec["model"] == "mlp" else mf.conv4(spec["ways"])
+    # metafunc's CPU kernels, as `metafunc train` picks them on the CPU
+    model = mf.mlp() if spec["model"] == "mlp" else mf.conv4(spec["ways"], kernels="cpu")
     kind = MetaSGD if spec["algorithm"] == "metasgd" else MAML
     loss = "mse" if spec["model"] == "mlp" else "cross_entropy"
     alg = kind(model, inner_lr=spec["inner_lr"], inner_steps=spec["inner_steps"], loss=loss)
     return alg, None
 
 
-def sampler(spec: dict[str, Any], bank: torch.Tensor | None) -> Any:
+def sampler(spec: dict[str, Any], bank: torch.Tensor | None, device: str = "cpu") -> Any:
     if spec["model"] == "mlp":
-        return mf.data.SinusoidTasks(shots=spec["shots"], queries=spec["queries"])
+        return mf.data.SinusoidTasks(shots=spec["shots"], queries=spec["queries"], device=device)
     assert bank is not None
     return mf.data.EpisodeSampler(
-        bank, ways=spec["ways"], shots=spec["shots"], queries=spec["queries"]
+        bank, ways=spec["ways"], shots=spec["shots"], queries=spec["queries"], device=device
     )
 
 
@@ -117,8 +122,9 @@ def inputs(spec: dict[str, Any], folder: Path) -> Path:
 
 
 def worker(spec: dict[str, Any], inputs_path: Path, out: Path) -> None:
-    """metafunc's side, in its own process: the float64 check gradient, then the eager and
-    the compiled step timed in float32."""
+    """metafunc's side, in its own process: the float64 check gradient (on the CPU), then the
+    step timed in float32 on ``spec['device']`` in each of ``spec['modes']`` (``eager`` or a
+    ``torch.compile`` mode)."""
     data = dict(np.load(inputs_path))
     alg, _ = build(spec)
     meta64 = mf.tree.structure(alg.init()).unflatten(
@@ -129,12 +135,15 @@ def worker(spec: dict[str, Any], inputs_path: Path, out: Path) -> None:
     np.savez(out.with_suffix(".grads.npz"),
              **{k: v.numpy() for k, v in mf.tree.flatten_with_paths(grads).items()})  # fmt: skip
     bank = torch.from_numpy(data["bank"]) if "bank" in data else None
-    tasks = sampler(spec, bank)
-    meta = mf.tree.cast(meta64, torch.float32)
+    device = spec["device"]
+    tasks = sampler(spec, bank, device)
+    meta = mf.tree.cast(meta64, torch.float32, device=device)
     opt = mf.optim.adam(1e-3)
-    result: dict[str, Any] = {"impl": "metafunc", "torch": torch.__version__}
-    for label, mode in (("eager", None), ("compiled", "default")):
-        step = mf.compile_step(alg, opt, sampler=tasks, meta_batch=spec["tasks"], mode=mode)
+    result: dict[str, Any] = {"impl": "metafunc", "torch": torch.__version__, "device": device}
+    for mode in spec["modes"]:
+        label = {"eager": "eager", "default": "compiled"}.get(mode, mode)
+        step = mf.compile_step(alg, opt, sampler=tasks, meta_batch=spec["tasks"],
+                               mode=None if mode == "eager" else mode)  # fmt: skip
         state = step.init(meta, mf.data.keys.key(0))
         start = time.perf_counter()
         for i in (0, 1):  # compiles (and makes the iteration dynamic); warms the eager step
@@ -176,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-seconds", type=float, default=120.0, help="timing budget per impl")
     parser.add_argument("--timeout", type=float, default=1800.0, help="per process")
     parser.add_argument("--jax-python", default=str(ROOT / ".jax-venv" / "bin" / "python"))
+    parser.add_argument("--device", default="cpu", help="metafunc's device (JAX runs on the CPU)")
+    parser.add_argument("--modes", default="eager,default",
+                        help="metafunc's steps: eager and torch.compile modes")  # fmt: skip
+    parser.add_argument("--no-jax", action="store_true", help="time metafunc alone")
     parser.add_argument("--out", default="benchmarks/results/bench_jax-cpu.json")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -184,11 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
         worker(json.loads(Path(spec_path).read_text()), Path(inputs_path), Path(out))
         return {}
-    if not Path(args.jax_python).exists():
+    if not args.no_jax and not Path(args.jax_python).exists():
         raise SystemExit(f"bench_jax: no {args.jax_python}; run bash benchmarks/jax/install.sh")
     rows = []
     for name in args.settings.split(","):
-        spec = dict(SETTINGS[name], rounds=args.rounds, max_seconds=args.max_seconds)
+        spec = dict(SETTINGS[name], rounds=args.rounds, max_seconds=args.max_seconds,
+                    device=args.device, modes=args.modes.split(","))  # fmt: skip
         spec["iters"] = args.iters or (50 if spec["model"] == "mlp" else 1)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
@@ -198,6 +212,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_worker([sys.executable, __file__, "--threads", str(args.threads), "--worker",
                         str(folder / "spec.json"), str(data), str(mine)],
                        args.threads, args.timeout)  # fmt: skip
+            m = json.loads(mine.read_text())
+            if args.no_jax:
+                rows.append({"setting": name, "spec": spec, "metafunc": m})
+                print(f"{name:18s} " + "  ".join(
+                    f"{k} {m[k]['ms']:9.3f} ms (first two steps {m[k]['first_two_steps_s']:.1f} s)"
+                    for k in m if isinstance(m[k], dict)), flush=True)  # fmt: skip
+                continue
             run_worker([args.jax_python, str(ROOT / "benchmarks" / "jax" / "impl_jax.py"),
                         "--spec", str(folder / "spec.json"), "--inputs", str(data),
                         "--out", str(theirs)], args.threads, args.timeout)  # fmt: skip
@@ -209,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             grad_error = diff / scale
             if grad_error > 1e-10:
                 raise AssertionError(f"{name}: metafunc and JAX gradients differ by {grad_error}")
-            m, j = json.loads(mine.read_text()), json.loads(theirs.read_text())
+            j = json.loads(theirs.read_text())
         row = {
             "setting": name,
             "spec": spec,
@@ -228,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({row['eager_over_jax_speed']:.2f}x)",
             flush=True,
         )
-    result = {"machine": machine(torch.device("cpu")), "threads": args.threads, "rows": rows}
+    result = {"machine": machine(torch.device(args.device)), "threads": args.threads, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

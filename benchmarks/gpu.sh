@@ -155,6 +155,11 @@ done
 # and a short training run; the compiled meta-gradient's tests come later (compiling is slow)
 step gpu-tests 60 bash -c "set -o pipefail; $PY -m pytest -q -rfE -m gpu -k 'not compiled' \
   -p no:cacheprovider tests 2>&1 | tee -a '$RES/gpu-$TAG.txt'"
+# the whole training step (compile_step, tasks drawn inside): eager, compiled, and compiled with
+# CUDA graphs (reduce-overhead), on the sinusoid and the two Omniglot shapes
+step compiled-step 180 "$PY" benchmarks/bench_jax.py --no-jax --device "$DEVICE" \
+  --settings sinusoid,omniglot-5w1s,omniglot-20w1s --modes eager,default,reduce-overhead \
+  --rounds 3 --max-seconds 10 --timeout 170 --out "$RES/bench_step-$TAG.json"
 for s in omniglot-5w1s omniglot-20w1s; do
   step "first-$s" 100 "${driver[@]}" --settings "$s" --impls "$IMPLS" --first-order \
     "${time_args[@]}" --out "$RES/peers-$TAG-$s-first.json"
@@ -163,7 +168,7 @@ step gpu-compile-tests 120 bash -c "set -o pipefail; $PY -m pytest -q -rfE -m gp
   -k compiled -p no:cacheprovider tests 2>&1 | tee -a '$RES/gpu-$TAG.txt'"
 # what else the strategy could be on this device, and the compiled meta-gradient
 step variants 150 "${driver[@]}" --settings omniglot-5w1s,omniglot-20w1s "${time_args[@]}" \
-  --impls plain,metafunc-loop,metafunc-cl,metafunc-compile,metafunc-compile-ro --timeout 150 \
+  --impls plain,metafunc-loop,metafunc-compile,metafunc-compile-ro --timeout 150 \
   --out "$RES/peers-$TAG-variants.json"
 step 5q 120 "${driver[@]}" --settings omniglot-20w1s-5q --impls "$IMPLS" "${time_args[@]}" \
   --out "$RES/peers-$TAG-5q.json"
