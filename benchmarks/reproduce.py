@@ -44,6 +44,11 @@ PAPER: dict[str, tuple[str, dict[str, str], str]] = {
     "baseline-omniglot-5w1s": ("acc %", {"100": "–"}, "Chen et al. 2019 (no Omniglot row)"),
     "r2d2-omniglot-5w1s": ("acc %", {"0": "–"}, "Bertinetto et al. 2019 (other network)"),
     "metaoptnet-omniglot-5w1s": ("acc %", {"0": "–"}, "Lee et al. 2019 (no Omniglot row)"),
+    # Lake et al. 2015's within-alphabet 20-way one-shot runs: error, humans 4.5%, BPL 3.3%
+    "protonet-omniglot-lake": ("error %", {"0": "8.0 Siamese, 4.5 humans"}, "Lake et al. 2015"),
+    "protonet-omniglot-small1": ("error %", {"0": "24.0 deep convnet"}, "Lake et al. 2015"),
+    "protonet-omniglot-small2": ("error %", {"0": "22.3 deep convnet"}, "Lake et al. 2015"),
+    "maml-omniglot-lake": ("error %", {"5": "8.0 Siamese, 4.5 humans"}, "Lake et al. 2015"),
 }
 
 
@@ -126,8 +131,10 @@ def table() -> str:
         cfg = json.loads((folder / "config.json").read_text())
         key, scale, digits = ("loss", 1.0, 2) if metric == "MSE" else ("accuracy", 100.0, 1)
         steps = [k for k in paper if k in ev[key]]
+        flip = metric == "error %"  # Lake et al. report the error, one minus the accuracy
+        means = {k: (1.0 - v["mean"] if flip else v["mean"]) for k, v in ev[key].items()}
         ours = " / ".join(
-            f"{scale * ev[key][k]['mean']:.{digits}f} ± {scale * ev[key][k]['ci95']:.{digits}f}"
+            f"{scale * means[k]:.{digits}f} ± {scale * ev[key][k]['ci95']:.{digits}f}"
             for k in steps
         )
         theirs = " / ".join(paper[k] for k in steps)
