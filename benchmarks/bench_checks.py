@@ -45,7 +45,7 @@ def omniglot() -> tuple[Algorithm, Any, mf.TaskBatch]:
         torch.rand(tasks, 75, 1, 28, 28, generator=gen),
         torch.arange(5).repeat_interleave(15).repeat(tasks, 1),
     )
-    alg = MAML(mf.conv4(5), inner_lr=0.4)
+    alg = MAML(mf.conv4(5, kernels="cpu"), inner_lr=0.4)  # as `metafunc train` on the CPU
     return alg, alg.init(gen), batch
 
 

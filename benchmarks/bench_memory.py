@@ -23,7 +23,7 @@ if str(_REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.peers.driver import _python_for, format_table, prepare, run_impl  # noqa: E402
+from benchmarks.peers.driver import format_table, prepare, python_for, run_impl  # noqa: E402
 from benchmarks.peers.spec import setting  # noqa: E402
 
 COLUMNS = ["inner_steps", "impl", "status", "median_ms", "peak_memory_mib", "peak_increase_mib"]
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         spec = prepare(spec, workdir, seed=0)
         for impl in args.impls.split(","):
-            res = run_impl(_python_for(impl, {}), impl, spec, workdir)
+            res = run_impl(python_for(impl, {}), impl, spec, workdir)
             row = {
                 "inner_steps": steps, "impl": impl, "status": res["status"],
                 "median_ms": res.get("median_ms"), "peak_memory_mib": res.get("peak_memory_mib"),

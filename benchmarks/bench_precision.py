@@ -2,14 +2,14 @@
 
     python benchmarks/bench_precision.py                       # CPU: float32 and bf16
     python benchmarks/bench_precision.py --device cuda         # also ieee and tf32
-    python benchmarks/bench_precision.py --layouts default,nchw
+    python benchmarks/bench_precision.py --kernels auto,reference
 
 For each preset it samples one real meta-batch (``METAFUNC_DATA``), computes the meta-gradient
 in float64 (the reference), then in float32 under each precision of the harness (and with
-``--layouts``, in the default precision with ``channels_last`` True (``channels-last``) or False
-(``nchw``); ``default`` is the models' default, channels-last on the CPU), and reports the
-relative error ``|g - g64| / |g64|``, the cosine with the reference, the meta-loss and the time
-of one meta-gradient. Prints a table and writes JSON (``--out``).
+``--kernels``, in the default precision with the config's ``kernels`` set to ``reference`` or
+``cpu``; ``auto``, the config's default, is ``cpu`` on the CPU), and reports the relative error
+``|g - g64| / |g64|``, the cosine with the reference, the meta-loss and the time of one
+meta-gradient. Prints a table and writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ def measure(
     precision: str,
     device: str,
     meta_batch: int | None,
-    channels_last: bool | None = None,
+    kernels: str = "auto",
 ) -> dict[str, Any]:
     extra = {} if meta_batch is None else {"meta_batch": meta_batch}
     base = {**PRESETS[preset], "preset": preset, "device": device, **extra}
     base["data_root"] = os.environ.get("METAFUNC_DATA")
     ref_run = build(Config.from_dict({**base, "dtype": "float64"}))
-    run = build(Config.from_dict({**base, "precision": precision, "channels_last": channels_last}))
+    run = build(Config.from_dict({**base, "precision": precision, "kernels": kernels}))
     batch64 = ref_run.train_tasks.sample(run.config.meta_batch, torch.Generator().manual_seed(0))
     meta64 = init_meta(ref_run, 0)
     g64, loss64, _ = ref_run.meta_grad(meta64, batch64)
@@ -59,7 +59,7 @@ def measure(
     cos = float(mt.vdot(g, g64) / (mt.global_norm(g) * mt.global_norm(g64)))
     return {
         "preset": preset, "precision": precision, "meta_batch": run.config.meta_batch,
-        "layout": {None: "default", True: "channels-last", False: "nchw"}[channels_last],
+        "kernels": kernels,
         "grad_rel_err": err, "grad_cosine": cos, "loss": float(loss),
         "loss_float64": float(loss64), "seconds": seconds,
     }  # fmt: skip
@@ -72,35 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precisions", default=None, help="default: all that the device supports")
     p.add_argument("--meta-batch", type=int, default=None, help="override the presets'")
     p.add_argument(
-        "--layouts",
-        default="default",
-        help="from default,channels-last,nchw: channels_last None (the precisions), True, False",
+        "--kernels",
+        default="auto",
+        help="from auto,reference,cpu: the config's kernels (auto: with every precision)",
     )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cuda = args.device.startswith("cuda")
     default = "default,ieee,tf32,bf16" if cuda else "default,bf16"
-    layouts = args.layouts.split(",")
-    flags = {"channels-last": True, "nchw": False}
-    if not set(layouts) <= {"default", *flags}:
-        p.error(f"--layouts: names from default, channels-last, nchw; got {args.layouts!r}")
+    kernels = args.kernels.split(",")
+    if not set(kernels) <= {"auto", "reference", "cpu"}:
+        p.error(f"--kernels: names from auto, reference, cpu; got {args.kernels!r}")
     rows = []
     for preset in args.presets.split(","):
-        if "default" in layouts:
+        if "auto" in kernels:
             for precision in (args.precisions or default).split(","):
                 rows.append(measure(preset, precision, args.device, args.meta_batch))
-        for layout, flag in flags.items():
-            if layout in layouts:
-                rows.append(measure(preset, "default", args.device, args.meta_batch, flag))
+        for name in ("reference", "cpu"):
+            if name in kernels:
+                rows.append(measure(preset, "default", args.device, args.meta_batch, name))
     head = (
-        f"{'preset':24s} {'precision':9s} {'layout':13s} {'rel err':>9s} {'cosine':>8s} "
+        f"{'preset':24s} {'precision':9s} {'kernels':9s} {'rel err':>9s} {'cosine':>8s} "
         f"{'loss':>8s} {'s':>7s}"
     )
     print(head)
     for r in rows:
         print(
-            f"{r['preset']:24s} {r['precision']:9s} {r['layout']:13s} {r['grad_rel_err']:9.2e} "
+            f"{r['preset']:24s} {r['precision']:9s} {r['kernels']:9s} {r['grad_rel_err']:9.2e} "
             f"{r['grad_cosine']:8.5f} {r['loss']:8.4f} {r['seconds']:7.3f}"
         )
     if args.out is not None:

@@ -11,14 +11,14 @@ Variants: ``plain`` (``torch.autograd.grad(create_graph=True)`` per task on the 
 benchmark's functional conv4, as ``metafunc bench peers``' reference), ``auto`` (metafunc's
 default), ``loop`` and ``threads`` (with ``MAML``'s default ``shared_first_step``),
 ``loop-unshared``, ``loop-shared`` and ``threads-shared`` (``shared_first_step`` forced off or
-on), ``auto-cl`` (``conv4(channels_last=True)``: channels-last on every device and batch) and
-``auto-nchw`` (``channels_last=False``: never); every other variant has conv4's default,
-``None`` (channels-last on the CPU for passes of at least 4096 input pixels).
+on) and ``auto-reference`` (``conv4(kernels='reference')``: the plain layers); every other
+variant opts in to ``conv4(kernels='cpu')`` (:mod:`metafunc.kernels`), as ``metafunc train``
+does on the CPU.
 
 Usage:
     python benchmarks/bench_strategies.py                        # 5-way 1-shot, mb 32, 1 step
     python benchmarks/bench_strategies.py --ways 20 --meta-batch 16 --steps 5 --rounds 4
-    python benchmarks/bench_strategies.py --algorithm reptile --steps 5 --variants auto,auto-nchw
+    python benchmarks/bench_strategies.py --algorithm reptile --variants auto,auto-reference
 """
 
 from __future__ import annotations
@@ -43,16 +43,15 @@ from metafunc import TaskBatch, tune_cpu_allocator
 from metafunc.algorithms import ANIL, MAML, FirstOrderMAML, Reptile
 from metafunc.models import conv4
 
-VARIANTS: dict[str, tuple[str, bool | None, bool | None]] = {
-    # name: (strategy, shared_first_step, conv4's channels_last)
-    "auto": ("auto", None, None),
-    "auto-cl": ("auto", None, True),
-    "auto-nchw": ("auto", None, False),
-    "loop": ("loop", None, None),
-    "loop-unshared": ("loop", False, None),
-    "loop-shared": ("loop", True, None),
-    "threads": ("threads", None, None),
-    "threads-shared": ("threads", True, None),
+VARIANTS: dict[str, tuple[str, bool | None, str]] = {
+    # name: (strategy, shared_first_step, conv4's kernels)
+    "auto": ("auto", None, "cpu"),
+    "auto-reference": ("auto", None, "reference"),
+    "loop": ("loop", None, "cpu"),
+    "loop-unshared": ("loop", False, "cpu"),
+    "loop-shared": ("loop", True, "cpu"),
+    "threads": ("threads", None, "cpu"),
+    "threads-shared": ("threads", True, "cpu"),
 }
 
 ALGORITHMS: dict[str, Callable[..., Any]] = {
@@ -127,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for name in names:
         if name != "plain":
-            strategy, shared, channels_last = VARIANTS[name]
-            model = conv4(args.ways, hidden=args.hidden, channels_last=channels_last)
+            strategy, shared, kernels = VARIANTS[name]
+            model = conv4(args.ways, hidden=args.hidden, kernels=kernels)
             alg = ALGORITHMS[args.algorithm](
                 model, inner_lr=args.lr, inner_steps=args.steps, strategy=strategy,
                 **({} if args.algorithm == "reptile" else {"shared_first_step": shared}),

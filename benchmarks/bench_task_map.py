@@ -63,7 +63,7 @@ def mlp_work(points: int, width_in: int, tasks: int) -> tuple[Callable[..., Any]
 def conv4_work(tasks: int) -> tuple[Callable[..., Any], Any, Any]:
     """Second-order MAML, one inner step at 0.4, on conv4 Omniglot-shaped 5-way 1-shot tasks
     with 15 queries per class."""
-    model = mf.conv4(5)
+    model = mf.conv4(5, kernels="cpu")  # as `metafunc train` picks it on the CPU
     meta = {"params": model.init(torch.Generator().manual_seed(0))}
     gen = torch.Generator().manual_seed(1)
     sy = torch.arange(5).repeat(tasks, 1)

@@ -222,7 +222,7 @@ def _print_presets(presets: dict[str, dict[str, Any]]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metafunc.harness.run import _format_results, evaluate, load_run
+    from metafunc.harness.run import evaluate, format_results, load_run
 
     changes = {k: v for k, v in (("protocol", args.protocol), ("dataset", args.dataset),
                                  ("data_root", args.data_root)) if v is not None}  # fmt: skip
@@ -233,7 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.protocol:
         name = name.replace(".json", f"-{args.protocol}.json")
     (Path(args.run_dir) / name).write_text(json.dumps(results, indent=2) + "\n")
-    print(_format_results(results, run.config.is_regression))
+    print(format_results(results, run.config.is_regression))
     return 0
 
 

@@ -60,7 +60,7 @@ def grad_with_aux(
         loss, aux = fn(spec.unflatten(inputs), *args)
         found = torch.autograd.grad(loss, inputs, create_graph=connected, allow_unused=True)
     # contiguous: a convolution on channels-last input returns its weight's gradient
-    # channels-last-strided (metafunc.models.base.conv2d on the CPU)
+    # channels-last-strided (metafunc.kernels.conv2d on the CPU)
     grads = [
         torch.zeros_like(x) if g is None else g.contiguous()
         for x, g in zip(leaves, found, strict=True)

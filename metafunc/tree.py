@@ -229,7 +229,7 @@ def _fast_valid(tree: PyTree, *, floating: bool, device: bool) -> bool:
 _DYNAMO_TRACES_SPEC_EQ = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14)
 
 
-def _check_same_structure(call: str, trees: Sequence[PyTree], names: Sequence[str]) -> None:
+def check_same_structure(call: str, trees: Sequence[PyTree], names: Sequence[str]) -> None:
     if not _DYNAMO_TRACES_SPEC_EQ and torch.compiler.is_dynamo_compiling():
         return  # there, a mismatch still fails in the tree_map each caller runs after this
     first = optree.tree_structure(trees[0])
@@ -255,13 +255,13 @@ def _check_same_structure(call: str, trees: Sequence[PyTree], names: Sequence[st
 
 def add(x: PyTree, y: PyTree) -> PyTree:
     """``x + y`` leaf by leaf."""
-    _check_same_structure("tree.add(x, y)", (x, y), ("x", "y"))
+    check_same_structure("tree.add(x, y)", (x, y), ("x", "y"))
     return optree.tree_map(torch.add, x, y)
 
 
 def sub(x: PyTree, y: PyTree) -> PyTree:
     """``x - y`` leaf by leaf."""
-    _check_same_structure("tree.sub(x, y)", (x, y), ("x", "y"))
+    check_same_structure("tree.sub(x, y)", (x, y), ("x", "y"))
     return optree.tree_map(torch.sub, x, y)
 
 
@@ -272,13 +272,13 @@ def scale(a: float | torch.Tensor, x: PyTree) -> PyTree:
 
 def axpy(a: float | torch.Tensor, x: PyTree, y: PyTree) -> PyTree:
     """``a * x + y`` leaf by leaf."""
-    _check_same_structure("tree.axpy(a, x, y)", (x, y), ("x", "y"))
+    check_same_structure("tree.axpy(a, x, y)", (x, y), ("x", "y"))
     return optree.tree_map(lambda u, v: a * u + v, x, y)
 
 
 def vdot(x: PyTree, y: PyTree) -> torch.Tensor:
     """The inner product ``sum_leaves sum(x * y)`` as a 0-d tensor."""
-    _check_same_structure("tree.vdot(x, y)", (x, y), ("x", "y"))
+    check_same_structure("tree.vdot(x, y)", (x, y), ("x", "y"))
     terms = leaves(optree.tree_map(lambda u, v: torch.sum(u * v), x, y))  # mismatch: raises
     if not terms:
         raise ValueError("tree.vdot(x, y): the trees have no leaves.")
@@ -348,7 +348,7 @@ def stack(trees: Sequence[PyTree], dim: int = 0) -> PyTree:
     """Stack same-structured trees along a new leading (task) axis."""
     if len(trees) == 0:
         raise ValueError("tree.stack(trees): got an empty sequence; pass at least one tree.")
-    _check_same_structure(
+    check_same_structure(
         "tree.stack(trees)", list(trees), [f"trees[{i}]" for i in range(len(trees))]
     )
     return optree.tree_map(lambda *ts: torch.stack(ts, dim), *trees)

@@ -89,7 +89,7 @@ def test_plain_and_funcvmap_agree_in_process(tmp_path: Path, changes: dict) -> N
         "plain",
         "funcvmap",
         "metafunc",
-        "metafunc-cl",
+        "metafunc-reference",
         "metafunc-vmap",
         "metafunc-checkpoint",
     )

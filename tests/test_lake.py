@@ -133,6 +133,25 @@ def test_protocol_option_and_its_errors(root: Path) -> None:
         get_benchmark("omniglot-lake", root, protocol="lake")
 
 
+def test_within_alphabet_training_episodes_rotate_and_distort(root: Path) -> None:
+    bench = get_benchmark("omniglot-lake", root, ways=3, shots=1, queries=1, augment="affine",
+                          train_protocol="within-alphabet", rotations=(0, 180))  # fmt: skip
+    train = bench.train
+    assert isinstance(train, WithinAlphabetRuns) and isinstance(bench.test, EpisodeSampler)
+    assert train.alphabets == 2 * 4, "each rotation of an alphabet is an alphabet of its own"
+    a = train.sample(6, torch.Generator().manual_seed(0))
+    b = train.sample(6, torch.Generator().manual_seed(0))
+    assert torch.equal(a.support_x, b.support_x) and a.support_x.shape == (6, 3, 1, 28, 28)
+    plain = get_benchmark("omniglot-lake", root, ways=3, shots=1, queries=1,
+                          train_protocol="within-alphabet", rotations=(0, 180)).train  # fmt: skip
+    c = plain.sample(6, torch.Generator().manual_seed(0))
+    assert not torch.equal(a.support_x, c.support_x), "distorted"
+    upright = [who(c.support_x[t : t + 1])[0] for t in range(6)]  # rotated: pixel moves away
+    assert any(int(u.sum()) == 0 for u in upright) and any(int(u.sum()) > 0 for u in upright)
+    with pytest.raises(ValueError, match="train_protocol='lake'"):
+        get_benchmark("omniglot-lake", root, train_protocol="lake")
+
+
 def test_affine_distortion_is_seeded_and_spares_evaluation(root: Path) -> None:
     plain = get_benchmark("omniglot-lake", root, ways=3, queries=1).train
     bent = get_benchmark("omniglot-lake", root, ways=3, queries=1, augment="affine").train
@@ -217,6 +236,8 @@ def test_cross_domain_eval(root: Path, tmp_path: Path) -> None:
         ({"validation_alphabets": 2, "dataset": "omniglot"}, "not omniglot"),
         ({"augment": "affine", "dataset": "mini-imagenet"}, "mini-imagenet is not supported"),
         ({"halve_every": 10}, r"applies to protonet, r2d2, metaoptnet, not maml"),
+        ({"image_size": 56, "dataset": "cifar-fs"}, "cifar-fs's are fixed. Drop it"),
+        ({"train_protocol": "within-alphabet", "dataset": "cifar-fs"}, r"\(--train-protocol\)"),
     ],
 )
 def test_config_refuses_misplaced_keys(changes: dict, message: str) -> None:

@@ -68,7 +68,9 @@ def test_tf32_sets_the_cuda_flags():
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
-def test_channels_last_config_builds_channels_last_models():
+def test_kernels_config_picks_the_models_kernels():
+    """``kernels``: ``cpu`` builds the models with metafunc.kernels, ``reference`` without, and
+    ``auto`` (the default) the one for the run's device; the MLP has nothing to choose."""
     from metafunc.harness.run import build_model
 
     for dataset, model in (
@@ -76,11 +78,30 @@ def test_channels_last_config_builds_channels_last_models():
         ("mini-imagenet", "auto"),
         ("omniglot", "resnet12"),
     ):
-        cfg = Config(dataset=dataset, model=model, shots=1, channels_last=True)
-        assert build_model(cfg, 5).name.endswith("-channels-last")
-        for other in (False, None):  # None: the models' default, channels-last on the CPU only
-            name = build_model(cfg.replace(channels_last=other), 5).name
-            assert not name.endswith("-channels-last")
-    for flag in (True, False):
-        with pytest.raises(ConfigError, match="channels_last is for the convolutional models"):
-            build_model(Config(channels_last=flag), None)
+        cfg = Config(dataset=dataset, model=model, shots=1)
+        for kernels, device, cpu in (
+            ("cpu", "cpu", True),
+            ("reference", "cpu", False),
+            ("auto", "cpu", True),
+            ("auto", "cuda", False),
+        ):
+            name = build_model(cfg.replace(kernels=kernels, device=device), 5).name
+            assert name.endswith("-cpu-kernels") == cpu, (dataset, model, kernels, device)
+    for kernels in ("cpu", "reference"):
+        with pytest.raises(ConfigError, match="kernels is for the convolutional models"):
+            build_model(Config(kernels=kernels), None)
+    with pytest.raises(ConfigError, match="kernels='cuda' is not one of auto, reference, cpu"):
+        Config(kernels="cuda")
+
+
+def test_configs_saved_with_channels_last_still_load():
+    """Run folders written before the ``kernels`` key hold ``channels_last`` (None: channels-last
+    on the CPU, True: everywhere, False: never); they load as ``auto`` and, for False,
+    ``reference``."""
+    saved = {k: v for k, v in Config(dataset="omniglot").to_dict().items() if k != "kernels"}
+    for old, kernels in ((None, "auto"), (True, "auto"), (False, "reference")):
+        cfg = Config.from_dict({**saved, "channels_last": old}, source="run/config.json")
+        assert cfg.replace(kernels="auto") == Config(dataset="omniglot")
+        assert cfg.kernels == kernels
+    with pytest.raises(ConfigError, match="channels_last is the older form of kernels"):
+        Config.from_dict({"channels_last": False, "kernels": "cpu"})

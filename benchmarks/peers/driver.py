@@ -230,7 +230,7 @@ def speedups(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _python_for(impl: str, overrides: Mapping[str, str]) -> str:
+def python_for(impl: str, overrides: Mapping[str, str]) -> str:
     if impl in overrides:
         return overrides[impl]
     if impl.startswith("metafunc"):
@@ -250,7 +250,7 @@ def _run_all(
     spec = prepare(spec, workdir, seed)
     results = {}
     for impl in impls:
-        python_exe = _python_for(impl, overrides)
+        python_exe = python_for(impl, overrides)
         results[impl] = run_impl(python_exe, impl, spec, workdir, timeout=timeout, env=env)
         res = results[impl]
         done = f"{res['median_ms']:.1f} ms" if res.get("median_ms") is not None else ""

@@ -13,10 +13,10 @@ graphs on CUDA, where the shapes are static). On the CPU every variant calls
 time what the tuning changes in the same run) and
 ``metafunc-unshared`` (the default strategy with ``MAML(shared_first_step=False)``: every task's
 first inner step computed on its own, as before the tasks' shared first step was batched; the
-other variants keep MAML's default, ``None``), ``metafunc-cl`` (the default strategy with
-``conv4(channels_last=True)``: channels-last on every device) and ``metafunc-nchw``
-(``channels_last=False``: never); the other variants keep conv4's default, ``None``
-(channels-last on the CPU, so ``metafunc-cl`` differs from the default on CUDA only).
+other variants keep MAML's default, ``None``) and ``metafunc-reference`` (the default strategy
+with ``conv4(kernels='reference')``: the plain layers). Every other variant opts in to
+``conv4(kernels='cpu')`` (:mod:`metafunc.kernels`) on the CPU, as ``metafunc train`` does there,
+and keeps the reference layers on other devices.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ STRATEGIES = {
     "metafunc-compile-ro": "auto",  # the same, mode='reduce-overhead' (CUDA graphs)
     "metafunc-malloc-default": "auto",  # without tune_cpu_allocator
     "metafunc-unshared": "auto",  # MAML(shared_first_step=False): each task's first step alone
-    "metafunc-cl": "auto",  # conv4(channels_last=True)
-    "metafunc-nchw": "auto",  # conv4(channels_last=False)
+    "metafunc-reference": "auto",  # conv4(kernels='reference') on every device
 }
 
 
@@ -63,11 +62,12 @@ class MetafuncPeer:
         # As `metafunc train` does (False where glibc's MALLOC_* variables are set: they win).
         tune = spec.device == "cpu" and variant != "metafunc-malloc-default"
         self.allocator_tuned = tune_cpu_allocator() if tune else False
+        cpu_kernels = spec.device == "cpu" and variant != "metafunc-reference"
 
         model = conv4(
             spec.ways, in_channels=spec.channels, hidden=spec.hidden, pooling=spec.pooling,
             image_size=spec.image_size,
-            channels_last={"metafunc-cl": True, "metafunc-nchw": False}.get(variant),
+            kernels="cpu" if cpu_kernels else "reference",
         )  # fmt: skip
         self.alg = MAML(
             model, inner_lr=spec.inner_lr, inner_steps=spec.inner_steps,

@@ -60,8 +60,7 @@ IMPLS: dict[str, str] = {
     "metafunc-compile-ro": "benchmarks.peers.impl_metafunc",
     "metafunc-malloc-default": "benchmarks.peers.impl_metafunc",
     "metafunc-unshared": "benchmarks.peers.impl_metafunc",
-    "metafunc-cl": "benchmarks.peers.impl_metafunc",
-    "metafunc-nchw": "benchmarks.peers.impl_metafunc",
+    "metafunc-reference": "benchmarks.peers.impl_metafunc",
 }
 
 

@@ -47,7 +47,7 @@ CIFAR_FS_CLASSES: dict[str, tuple[str, ...]] = {
 _ALIASES = {"validation": "val"}
 
 
-def _unpickle(path: Path, *, call: str) -> dict[str, Any]:
+def read_cifar_pickle(path: Path, *, call: str) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{call}: {path} does not exist. Download CIFAR-100 (python version, "
@@ -61,7 +61,7 @@ def _unpickle(path: Path, *, call: str) -> dict[str, Any]:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
 
 
-def _field(content: dict[str, Any], key: str, path: Path, *, call: str) -> Any:
+def cifar_field(content: dict[str, Any], key: str, path: Path, *, call: str) -> Any:
     if key not in content:
         raise ValueError(f"{call}: {path} has no {key!r} entry (keys: {sorted(content)}).")
     return content[key]
@@ -83,14 +83,16 @@ def _read(root: str | os.PathLike[str], *, call: str) -> ClassSplits:
     meta_path = folder / "meta"
     names = [
         str(n)
-        for n in _field(_unpickle(meta_path, call=call), "fine_label_names", meta_path, call=call)
+        for n in cifar_field(
+            read_cifar_pickle(meta_path, call=call), "fine_label_names", meta_path, call=call
+        )
     ]
     images, labels = [], []
     for part in ("train", "test"):
         path = folder / part
-        content = _unpickle(path, call=call)
-        data = np.asarray(_field(content, "data", path, call=call))
-        fine = np.asarray(_field(content, "fine_labels", path, call=call), dtype=np.int64)
+        content = read_cifar_pickle(path, call=call)
+        data = np.asarray(cifar_field(content, "data", path, call=call))
+        fine = np.asarray(cifar_field(content, "fine_labels", path, call=call), dtype=np.int64)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise ValueError(
                 f"{call}: {path}: data is {data.dtype} {data.shape}; expected uint8 [N, 3072]."

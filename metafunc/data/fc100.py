@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from metafunc.data.archive import extract_folder
-from metafunc.data.cifarfs import _field, _unpickle
+from metafunc.data.cifarfs import cifar_field, read_cifar_pickle
 from metafunc.data.dataset import ClassSplits, check_disjoint, stack_classes
 from metafunc.data.download import check_md5, download_file
 
@@ -65,16 +65,16 @@ def fc100_splits(root: str | os.PathLike[str], *, download: bool = False) -> Cla
     if not all((folder / name).is_file() for name in _FILES):
         _unpack(root, download=download, call=call)
     meta_path = folder / "meta"
-    meta = _unpickle(meta_path, call=call)
-    coarse_names = [str(n) for n in _field(meta, "coarse_label_names", meta_path, call=call)]
-    fine_names = [str(n) for n in _field(meta, "fine_label_names", meta_path, call=call)]
+    meta = read_cifar_pickle(meta_path, call=call)
+    coarse_names = [str(n) for n in cifar_field(meta, "coarse_label_names", meta_path, call=call)]
+    fine_names = [str(n) for n in cifar_field(meta, "fine_label_names", meta_path, call=call)]
     images, fines, coarses = [], [], []
     for part in ("train", "test"):
         path = folder / part
-        content = _unpickle(path, call=call)
-        data = np.asarray(_field(content, "data", path, call=call))
-        fine = np.asarray(_field(content, "fine_labels", path, call=call), dtype=np.int64)
-        coarse = np.asarray(_field(content, "coarse_labels", path, call=call), dtype=np.int64)
+        content = read_cifar_pickle(path, call=call)
+        data = np.asarray(cifar_field(content, "data", path, call=call))
+        fine = np.asarray(cifar_field(content, "fine_labels", path, call=call), dtype=np.int64)
+        coarse = np.asarray(cifar_field(content, "coarse_labels", path, call=call), dtype=np.int64)
         if data.dtype != np.uint8 or data.shape[1:] != (3072,) or len(data) != len(fine):
             raise ValueError(
                 f"{call}: {path}: data is {data.dtype} {data.shape} with {len(fine)} labels; "

@@ -21,12 +21,14 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from metafunc.data.batch import TaskBatch
-from metafunc.data.dataset import ClassImages
+from metafunc.data.dataset import ClassImages, concat_classes
 from metafunc.data.sampler import (
     EpisodeSampler,
     check_episodes_args,
     check_generator,
     check_num_tasks,
+    check_rotations,
+    distort,
 )
 
 __all__ = ["WithinAlphabetRuns", "alphabet_of"]
@@ -47,10 +49,18 @@ class WithinAlphabetRuns:
     characters (or fewer than ``shots + queries`` common drawers) are skipped with a warning that
     counts them; :attr:`skipped` names them.
 
+    As a training sampler it gives episodes shaped like the test's (one alphabet's look-alike
+    characters, two hands), with ``rotations`` (each rotated alphabet a new alphabet, as
+    Omniglot's rotated classes are new classes) and ``augment``; :meth:`episodes` never
+    distorts.
+
     Args:
         data: images with drawer identities (:attr:`ClassImages.drawers`), class names
             ``"<set>/<Alphabet>/characterNN"`` (as :func:`~metafunc.data.load_omniglot` makes).
         ways, shots, queries: characters per run, and support / query drawers per character.
+        rotations: angles (multiples of 90) whose rotated alphabets join the runs' alphabets.
+        augment: ``"affine"``: :meth:`sample` distorts every image
+            (:func:`~metafunc.data.sampler.distort`); ``"none"`` (default).
         mean, std, device, dtype: as :class:`~metafunc.data.EpisodeSampler`.
 
     Batches are :class:`TaskBatch` es laid out as :class:`~metafunc.data.EpisodeSampler`'s, so
@@ -64,6 +74,8 @@ class WithinAlphabetRuns:
         ways: int = 20,
         shots: int = 1,
         queries: int = 1,
+        rotations: Sequence[int] = (0,),
+        augment: str = "none",
         mean: float | Sequence[float] | None = None,
         std: float | Sequence[float] | None = None,
         device: torch.device | str | None = None,
@@ -77,10 +89,12 @@ class WithinAlphabetRuns:
                 "names XXXX_YY.png carry them: load the official folders or zips with "
                 "metafunc.data.load_omniglot (files renamed otherwise lose them)."
             )
+        data = _rotated_alphabets(data, rotations, call=call)
         self._episodes = EpisodeSampler(
             data, ways=ways, shots=shots, queries=queries, mean=mean, std=std, device=device,
-            dtype=dtype,
+            dtype=dtype, augment=augment,
         )  # fmt: skip
+        assert data.drawers is not None
         self.ways, self.shots, self.queries = ways, shots, queries
         self.device, self.dtype = self._episodes.device, dtype
         examples = int(data.images.shape[1])
@@ -138,7 +152,11 @@ class WithinAlphabetRuns:
         call = "WithinAlphabetRuns.sample"
         check_num_tasks(num_tasks, call=call)
         check_generator(generator, call=call)
-        return self._episodes.gather(self._rows(num_tasks, generator))
+        batch = self._episodes.gather(self._rows(num_tasks, generator))
+        if self._episodes.augment == "affine":
+            batch = TaskBatch(*(distort(x, generator) if x.is_floating_point() else x
+                                for x in batch))  # fmt: skip
+        return batch
 
     def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
         """A fixed set of ``count`` runs drawn from ``seed``, ``batch_size`` at a time; the runs
@@ -148,3 +166,17 @@ class WithinAlphabetRuns:
         return (
             self._episodes.gather(rows[i : i + batch_size]) for i in range(0, count, batch_size)
         )
+
+
+def _rotated_alphabets(data: ClassImages, rotations: Sequence[int], *, call: str) -> ClassImages:
+    """``data`` and its copies rotated by each other angle, as alphabets ``<Alphabet>@rot<a>``."""
+    angles = check_rotations(rotations, *data.images.shape[-2:], call=call)
+    parts = []
+    for angle in angles:
+        if angle == 0:
+            parts.append(data)
+            continue
+        names = tuple(f"{alphabet_of(n)}@rot{angle}/{n.rsplit('/', 1)[1]}" for n in data.classes)
+        images = torch.rot90(data.images, k=angle // 90, dims=(-2, -1))
+        parts.append(ClassImages(images, names, data.counts, data.drawers))
+    return parts[0] if len(parts) == 1 else concat_classes(parts, call=call)

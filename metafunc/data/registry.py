@@ -111,6 +111,7 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
         validation_alphabets: int = 0,
         split_seed: int = 0,
         protocol: str = "random",
+        train_protocol: str = "random",
         augment: str = "none",
         cache_dir: str | os.PathLike[str] | None = None,
         cache: bool = True,
@@ -118,10 +119,11 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
         base_url: str = OMNIGLOT_URL,
         workers: int | None = None,
     ) -> Benchmark:
-        if protocol not in PROTOCOLS:
-            raise ValueError(
-                f"get_benchmark({c.name!r}): protocol={protocol!r}; use one of {PROTOCOLS}."
-            )
+        for arg, value in (("protocol", protocol), ("train_protocol", train_protocol)):
+            if value not in PROTOCOLS:
+                raise ValueError(
+                    f"get_benchmark({c.name!r}): {arg}={value!r}; use one of {PROTOCOLS}."
+                )
         splits = omniglot_splits(
             _data_root(root, c), split, num_validation=num_validation,
             validation_alphabets=validation_alphabets, split_seed=split_seed,
@@ -131,20 +133,25 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
         made = _samplers(
             splits, c, rotations=rotations, eval_rotations=eval_rotations, augment=augment
         )
-        if protocol == "random":
-            return made
 
         def runs(part: str, data: ClassImages) -> WithinAlphabetRuns:
+            train = part == "train"
             try:
                 return WithinAlphabetRuns(
                     data, ways=c.ways, shots=c.shots, queries=c.queries, device=c.device,
-                    dtype=c.dtype,
+                    dtype=c.dtype, rotations=rotations if train else (0,),
+                    augment=augment if train else "none",
                 )  # fmt: skip
             except ValueError as err:
                 raise ValueError(f"get_benchmark({c.name!r}): the {part} split: {err}") from err
 
+        train: TaskSampler = made.train
+        if train_protocol != "random":
+            train = runs("train", splits.train)
+        if protocol == "random":
+            return Benchmark(train, made.validation, made.test)
         validation = None if splits.validation is None else runs("validation", splits.validation)
-        return Benchmark(made.train, validation, runs("test", splits.test))
+        return Benchmark(train, validation, runs("test", splits.test))
 
     return build
 
@@ -319,18 +326,18 @@ def get_benchmark(
         device, dtype: where the images live and the float dtype of the batches.
         options: per-benchmark keyword arguments. Omniglot: ``image_size=28``, ``resample``,
             ``rotations=(0, 90, 180, 270)`` (training classes only), ``eval_rotations=(0,)``,
-            ``num_validation``, ``validation_alphabets=0``, ``split_seed=0``,
-            ``protocol="random"`` (or ``"within-alphabet"``: Lake et al.'s runs for validation
-            and test, :data:`PROTOCOLS`), ``augment="none"`` (``"affine"``: training images
+            ``num_validation``, ``validation_alphabets=0``, ``split_seed=0``, ``protocol="random"``
+            (or ``"within-alphabet"``: Lake et al.'s runs for validation and test,
+            :data:`PROTOCOLS`), ``train_protocol="random"`` (or within-alphabet training episodes,
+            rotations and augmentation included), ``augment="none"`` (``"affine"``: training images
             distorted, :class:`~metafunc.data.EpisodeSampler`), ``cache_dir``, ``cache``,
-            ``download``, ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``,
-            ``resample``, ``mean``, ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS:
-            ``mean``, ``std``. tiered-ImageNet: ``image_size=84``, ``resample``, ``mean``,
-            ``std``, ``cache_dir``, ``cache``, ``workers``. CUB: the same and ``crop="none"``
-            (or ``"bbox"``). FC100: ``mean``, ``std``, ``download``. Folder:
-            ``split`` (required), ``image_size=84``, ``channels=3``, ``resample``, ``mean``,
-            ``std``, ``rotations``, ``extensions``, ``cache_dir``, ``cache``, ``workers``.
-            Sinusoid: ``amplitude``, ``phase``, ``x_range``.
+            ``download``, ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``, ``resample``,
+            ``mean``, ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS: ``mean``, ``std``.
+            tiered-ImageNet: ``image_size=84``, ``resample``, ``mean``, ``std``, ``cache_dir``,
+            ``cache``, ``workers``. CUB: the same and ``crop="none"`` (or ``"bbox"``). FC100:
+            ``mean``, ``std``, ``download``. Folder: ``split`` (required), ``image_size=84``,
+            ``channels=3``, ``resample``, ``mean``, ``std``, ``rotations``, ``extensions``,
+            ``cache_dir``, ``cache``, ``workers``. Sinusoid: ``amplitude``, ``phase``, ``x_range``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), or a split too small for

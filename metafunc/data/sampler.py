@@ -143,7 +143,7 @@ class EpisodeSampler:
         if augment not in AUGMENTATIONS:
             raise ValueError(f"{call}: augment={augment!r}; use one of {AUGMENTATIONS}.")
         base, examples, channels, height, width = images.shape
-        angles = _check_rotations(rotations, height, width, call=call)
+        angles = check_rotations(rotations, height, width, call=call)
         total = base * len(angles)
         if ways > total:
             raise ValueError(
@@ -385,7 +385,7 @@ def _distinct(
     return ids
 
 
-def _check_rotations(
+def check_rotations(
     rotations: Sequence[int], height: int, width: int, *, call: str
 ) -> tuple[int, ...]:
     angles = tuple(int(a) % 360 for a in rotations)

@@ -31,6 +31,7 @@ COMPILE_CHOICES = ("auto", "off", *COMPILE_MODES)
 PRECISIONS = ("default", "ieee", "tf32", "bf16")
 PROTOCOLS = ("random", "within-alphabet")  # metafunc.data.PROTOCOLS, without importing torch
 AUGMENTATIONS = ("none", "affine")  # metafunc.data.AUGMENTATIONS
+KERNELS = ("auto", "reference", "cpu")  # metafunc.models.base.KERNELS, and auto
 
 
 class ConfigError(ValueError):
@@ -49,10 +50,12 @@ FLAGS: dict[str, tuple[str, str]] = {
     "rotate_test": ("task", "Omniglot: test classes rotated by 90-degree multiples as new ones"),
     "protocol": ("task", "Omniglot evaluation: random episodes, or Lake et al.'s runs"),
     "augment": ("task", "Omniglot: training images distorted by random affine maps"),
+    "train_protocol": ("task", "Omniglot training episodes: random, or within one alphabet"),
+    "image_size": ("task", "image side in pixels (default: the benchmark's, Omniglot 28)"),
     "validation_alphabets": ("task", "Omniglot Lake splits: alphabets held out to validate"),
     "model": ("model", "the network; auto: mlp for the sinusoid, conv4 for images"),
     "hidden": ("model", "hidden units / channels (default: the paper's)"),
-    "channels_last": ("model", "conv activations channels-last (default: on the CPU)"),
+    "kernels": ("model", "conv layers; auto: cpu (metafunc.kernels) on the CPU, else reference"),
     "inner_lr": ("inner loop", "the inner optimizer's learning rate"),
     "inner_steps": ("inner loop", "inner steps per task in training"),
     "first_order": ("inner loop", "detach the inner gradients (first-order)"),
@@ -94,7 +97,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS, "strategy": STRATEGIES,
     "dtype": DTYPES, "inner_optimizer": INNER_OPTIMIZERS, "finetune": FINETUNE,
     "precision": PRECISIONS, "compile": COMPILE_CHOICES, "protocol": PROTOCOLS,
-    "augment": AUGMENTATIONS,
+    "train_protocol": PROTOCOLS,
+    "augment": AUGMENTATIONS, "kernels": KERNELS,
 }  # fmt: skip
 GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "run folder",
           "algorithm-specific")  # fmt: skip
@@ -141,9 +145,12 @@ class Config:
     ``precision`` of float32 compute: ``'default'`` (torch's: on CUDA, TF32 convolutions and
     IEEE matmuls), ``'ieee'`` (full float32 everywhere), ``'tf32'`` (TF32 matmuls and
     convolutions, CUDA) or ``'bf16'`` (``torch.autocast`` to bfloat16 around every meta-gradient
-    and evaluation; see the README for its measured meta-gradient error). ``channels_last``:
-    the memory format of conv4 / ResNet-12 activations: ``None``, channels-last on the CPU
-    (faster there), ``True`` on every device, ``False`` never (:func:`~metafunc.models.conv4`).
+    and evaluation; see the README for its measured meta-gradient error). ``kernels``: the
+    convolution and batch norm of conv4 / ResNet-12 (:func:`~metafunc.models.conv4`):
+    ``'reference'``, the plain layers; ``'cpu'``, :mod:`metafunc.kernels` (the same values,
+    faster on the CPU); ``'auto'``, ``'cpu'`` when ``device`` is the CPU, else ``'reference'``.
+    A config saved with the older ``channels_last`` key loads with ``kernels='reference'`` for
+    ``false`` (the default layout everywhere) and ``'auto'`` otherwise.
     """
 
     algorithm: str = "maml"
@@ -172,6 +179,8 @@ class Config:
     batch_size: int = 128
     rotate_test: bool = True
     protocol: str = "random"
+    train_protocol: str = "random"
+    image_size: int | None = None
     augment: str = "none"
     validation_alphabets: int = 0
     meta_batch: int = 25
@@ -185,7 +194,7 @@ class Config:
     chunk_size: int | None = None
     compile: str | None = "auto"
     precision: str = "default"
-    channels_last: bool | None = None
+    kernels: str = "auto"
     eval_episodes: int = 600
     eval_batch: int = 50
     eval_every: int = 0
@@ -230,6 +239,12 @@ class Config:
             )
         choice("dataset", DATASETS)
         choice("protocol", PROTOCOLS)
+        choice("train_protocol", PROTOCOLS)
+        if self.image_size is not None and self.dataset in ("sinusoid", "cifar-fs", "fc100"):
+            raise ConfigError(
+                f"config: image_size (--image-size) resizes the images of Omniglot, "
+                f"mini-ImageNet, tiered-ImageNet and CUB; {self.dataset}'s are fixed. Drop it."
+            )
         choice("augment", AUGMENTATIONS)
         if self.augment != "none" and not self.dataset.startswith("omniglot"):
             raise ConfigError(
@@ -237,11 +252,13 @@ class Config:
                 f"black; {self.dataset} is not supported. Drop it."
             )
         lake_split = self.dataset in ("omniglot-lake", "omniglot-small1", "omniglot-small2")
-        if self.protocol != "random" and not self.dataset.startswith("omniglot"):
-            raise ConfigError(
-                f"config: protocol={self.protocol!r} (--protocol) scores Omniglot's alphabets; "
-                f"{self.dataset} has none. Drop it."
-            )
+        for key in ("protocol", "train_protocol"):
+            if getattr(self, key) != "random" and not self.dataset.startswith("omniglot"):
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(
+                    f"config: {key}={getattr(self, key)!r} ({flag}) draws Omniglot's alphabets; "
+                    f"{self.dataset} has none. Drop it."
+                )
         if self.validation_alphabets and not lake_split:
             raise ConfigError(
                 "config: validation_alphabets (--validation-alphabets) holds out alphabets of "
@@ -254,6 +271,7 @@ class Config:
                 "taken: add --eval-every N."
             )
         choice("model", MODELS)
+        choice("kernels", KERNELS)
         choice("strategy", STRATEGIES)
         choice("dtype", DTYPES)
         for name, options in (("inner_optimizer", INNER_OPTIMIZERS), ("finetune", FINETUNE)):
@@ -286,6 +304,7 @@ class Config:
             "eval_queries",
             "chunk_size",
             "hidden",
+            "image_size",
         ):
             positive(name, optional=True)
         for name in ("inner_lr", "outer_lr"):
@@ -354,6 +373,14 @@ class Config:
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> Config:
         """Build from a mapping, rejecting unknown keys and wrong types with a clear message."""
+        if "channels_last" in values:  # configs written before the kernels key
+            if "kernels" in values:
+                raise ConfigError(
+                    f"{source}: channels_last is the older form of kernels; give kernels alone."
+                )
+            old = values["channels_last"]
+            values = {k: v for k, v in values.items() if k != "channels_last"}
+            values["kernels"] = "reference" if old is False else "auto"
         hints = typing.get_type_hints(cls)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)

@@ -110,33 +110,37 @@ def build_model(cfg: Config, ways: int | None) -> models.Model:
     if kind == "mlp":
         if not cfg.is_regression:
             raise ConfigError(f"config: model='mlp' is for the sinusoid, not {cfg.dataset}.")
-        if cfg.channels_last is not None:
+        if cfg.kernels != "auto":
             raise ConfigError(
-                "config: channels_last is for the convolutional models (conv4, resnet12); "
+                "config: kernels is for the convolutional models (conv4, resnet12); "
                 "model='mlp' has no convolutions: drop it."
             )
         h = cfg.hidden or 40
         return models.mlp((1, h, h, 1))
     if cfg.is_regression:
         raise ConfigError(f"config: model={kind!r} takes images; use model='mlp' (or auto).")
+    kernels = cfg.kernels
+    if kernels == "auto":  # metafunc.kernels where the run computes: on the CPU
+        kernels = "cpu" if cfg.device == "cpu" else "reference"
     if kind == "conv4":
         return models.conv4(
             ways,
             hidden=cfg.hidden or 64,
             in_channels=1 if "omniglot" in cfg.dataset else 3,
-            channels_last=cfg.channels_last,
+            kernels=kernels,
         )
     if kind == "conv4-maxpool":
-        size = 84 if cfg.dataset in ("mini-imagenet", "tiered-imagenet", "cub") else 32
+        size = cfg.image_size or (84 if cfg.dataset in ("mini-imagenet", "tiered-imagenet",
+                                                         "cub") else 32)  # fmt: skip
         return models.conv4(
             ways,
             hidden=cfg.hidden or 32,
             in_channels=3,
             pooling="maxpool",
             image_size=size,
-            channels_last=cfg.channels_last,
+            kernels=kernels,
         )
-    return models.resnet12(ways, channels_last=cfg.channels_last)
+    return models.resnet12(ways, kernels=kernels)
 
 
 _GRADIENT_BASED = {
@@ -215,6 +219,10 @@ def build(cfg: Config) -> Run:
             options["validation_alphabets"] = cfg.validation_alphabets
         if cfg.augment != "none":
             options["augment"] = cfg.augment
+        if cfg.train_protocol != "random":
+            options["train_protocol"] = cfg.train_protocol
+    if cfg.image_size is not None:
+        options["image_size"] = cfg.image_size
     if cfg.download:  # Omniglot's official zips (a mirror: $METAFUNC_OMNIGLOT_URL)
         options["download"] = True
         mirror = os.environ.get("METAFUNC_OMNIGLOT_URL")
@@ -234,7 +242,7 @@ def build(cfg: Config) -> Run:
             shots=cfg.eval_shots or cfg.shots,
             queries=cfg.eval_queries or cfg.queries,
             **test_kw,
-            **options,
+            **{k: v for k, v in options.items() if k != "train_protocol"},
         )
     except (FileNotFoundError, ValueError) as error:
         if not _missing_data(error):
@@ -400,7 +408,7 @@ def evaluate(
     return results
 
 
-def _format_results(results: dict[str, Any], regression: bool) -> str:
+def format_results(results: dict[str, Any], regression: bool) -> str:
     key = "loss" if regression else "accuracy"
     name = "MSE" if regression else "accuracy"
     scale = 1.0 if regression else 100.0
@@ -816,7 +824,7 @@ def _train(
     if lead:
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         if not quiet:
-            print(_format_results(results, cfg.is_regression))
+            print(format_results(results, cfg.is_regression))
     return results
 
 
@@ -909,7 +917,8 @@ def load_run(run_dir: str | Path, **changes: Any) -> tuple[Run, Any, str]:
     other = changes.get("dataset", trained.dataset) != trained.dataset
     if other:  # the training run's validation settings belong to its own dataset
         changes = {"validation_alphabets": 0, "eval_every": 0, "keep_best": False,
-                   "protocol": "random", "augment": "none", "download": False,
+                   "protocol": "random", "train_protocol": "random", "augment": "none",
+                   "download": False,
                    **changes}  # fmt: skip
     cfg = trained.replace(**changes)
     run = build(cfg)

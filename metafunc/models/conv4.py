@@ -12,12 +12,11 @@ from metafunc.models.base import (
     bn_layer,
     bn_params,
     bn_state,
-    check_channels_last,
     check_input,
-    conv2d,
     conv_init,
     default_generator,
     finalize,
+    layers,
     linear,
     linear_init,
     prefixed,
@@ -36,7 +35,7 @@ def conv4(
     pooling: str = "stride",
     image_size: int = 28,
     bn_momentum: float = 0.1,
-    channels_last: bool | None = None,
+    kernels: str = "reference",
 ) -> Model:
     """Four blocks of [3x3 conv, batch norm, ReLU], then a linear head.
 
@@ -47,19 +46,15 @@ def conv4(
     (84 -> 42 -> 21 -> 10 -> 5), flattened (``hidden * 5 * 5`` features).
 
     Convolutions and head are Glorot-uniform with zero biases, batch norm weight 1, bias 0.
-    ``channels_last`` is the activations' memory format (:func:`metafunc.models.base.conv2d`).
-    ``None``, the default: channels-last on the CPU, where oneDNN's convolutions are faster on
-    it (HISTORY "channels-last conv4 by default"), for batches of at least
-    :data:`~metafunc.models.base.CHANNELS_LAST_MIN_PIXELS` pixels (smaller ones, such as
-    Reptile's 5-image inner batches, run faster in the default layout), and the default
-    layout elsewhere. ``True``: channels-last on every device and batch; ``False``: never.
-    Batch norm keeps the default layout's float32 accuracy
-    (:func:`~metafunc.models.base.batch_norm`); float64 values are the same in all three.
+    ``kernels`` picks the convolution and batch norm: ``'reference'`` (the default), the
+    plain layers of :mod:`metafunc.models.base` on every device; ``'cpu'``, those of
+    :mod:`metafunc.kernels` (channels-last activations and custom double backwards on the CPU,
+    the reference elsewhere), the same values, faster on the CPU.
     Parameters: ``conv{i}.weight/bias``, ``bn{i}.weight/bias`` (i = 0..3), ``head.weight/bias``.
     ``num_classes=None`` builds the embedding network alone (Prototypical Networks); then
     ``apply`` returns the features.
     """
-    check_channels_last("conv4", channels_last)
+    conv2d, norm = layers("conv4", kernels)
     if pooling not in _POOLING:
         raise ValueError(f"conv4(pooling): {pooling!r} is not one of {_POOLING}.")
     for name, value in (
@@ -104,15 +99,8 @@ def conv4(
     ) -> torch.Tensor:
         check_input("conv4.apply(params, x)", x, 4, f"[batch, {in_channels}, H, W]")
         for i in range(4):
-            x = conv2d(
-                x,
-                params[f"conv{i}.weight"],
-                params[f"conv{i}.bias"],
-                stride,
-                1,
-                channels_last=channels_last,
-            )
-            x = bn_layer(params, state, new_state, f"bn{i}", x, training, bn_momentum)
+            x = conv2d(x, params[f"conv{i}.weight"], params[f"conv{i}.bias"], stride, 1)
+            x = bn_layer(params, state, new_state, f"bn{i}", x, training, bn_momentum, norm=norm)
             x = F.relu(x)
             if pooling == "maxpool":
                 x = F.max_pool2d(x, 2)
@@ -141,6 +129,6 @@ def conv4(
         init_state,
         features=features,
         head="head" if num_classes is not None else None,
-        name=f"conv4-{hidden}-{pooling}{'-channels-last' if channels_last is True else ''}",
+        name=f"conv4-{hidden}-{pooling}{'-cpu-kernels' if kernels == 'cpu' else ''}",
         vmap_exact=True,
     )

@@ -14,12 +14,11 @@ from metafunc.models.base import (
     bn_layer,
     bn_params,
     bn_state,
-    check_channels_last,
     check_input,
-    conv2d,
     conv_init,
     default_generator,
     finalize,
+    layers,
     linear,
     linear_init,
     prefixed,
@@ -35,7 +34,7 @@ def resnet12(
     channels: Sequence[int] = (64, 160, 320, 640),
     negative_slope: float = 0.1,
     bn_momentum: float = 0.1,
-    channels_last: bool | None = None,
+    kernels: str = "reference",
 ) -> Model:
     """ResNet-12: four residual blocks, each three [3x3 conv, batch norm, leaky ReLU] with a
     1x1-conv + batch-norm shortcut and 2x2 max-pooling, then global average pooling.
@@ -44,10 +43,10 @@ def resnet12(
     have no bias and He-normal (fan-out) weights. Parameters:
     ``layer{b}.conv{j}.weight``, ``layer{b}.bn{j}.weight/bias`` (j = 1..3),
     ``layer{b}.shortcut.conv.weight``, ``layer{b}.shortcut.bn.weight/bias``, ``head.*``.
-    DropBlock is not included. ``channels_last`` (``None``: on the CPU, ``True``, ``False``):
-    the activations' memory format, as in :func:`~metafunc.models.conv4`.
+    DropBlock is not included. ``kernels`` (``'reference'`` or ``'cpu'``): the convolution
+    and batch norm, as in :func:`~metafunc.models.conv4`.
     """
-    check_channels_last("resnet12", channels_last)
+    conv2d, norm = layers("resnet12", kernels)
     channels = list(channels)
     if len(channels) != 4 or any(not isinstance(c, int) or c <= 0 for c in channels):
         raise ValueError(f"resnet12(channels): need four positive ints, got {channels!r}.")
@@ -86,15 +85,18 @@ def resnet12(
             out = x
             for j in (1, 2, 3):
                 w = params[f"{p}.conv{j}.weight"]
-                out = conv2d(out, w, padding=1, channels_last=channels_last)
-                out = bn_layer(params, state, new_state, f"{p}.bn{j}", out, training, bn_momentum)
+                out = conv2d(out, w, padding=1)
+                out = bn_layer(
+                    params, state, new_state, f"{p}.bn{j}", out, training, bn_momentum, norm=norm
+                )
                 if j < 3:
                     out = F.leaky_relu(out, negative_slope)
             w = params[f"{p}.shortcut.conv.weight"]
-            short = conv2d(x, w, channels_last=channels_last)
+            short = conv2d(x, w)
             short = bn_layer(
-                params, state, new_state, f"{p}.shortcut.bn", short, training, bn_momentum
-            )
+                params, state, new_state, f"{p}.shortcut.bn", short, training, bn_momentum,
+                norm=norm,
+            )  # fmt: skip
             x = F.max_pool2d(F.leaky_relu(out + short, negative_slope), 2)
         return x.mean(dim=(2, 3))
 
@@ -122,6 +124,6 @@ def resnet12(
         features=features,
         head="head" if num_classes is not None else None,
         name=f"resnet12-{'-'.join(map(str, channels))}"
-        + ("-channels-last" if channels_last is True else ""),
+        + ("-cpu-kernels" if kernels == "cpu" else ""),
         vmap_exact=True,
     )

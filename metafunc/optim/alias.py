@@ -5,9 +5,9 @@ from __future__ import annotations
 from metafunc.optim.base import GradientTransformation, chain
 from metafunc.optim.transforms import (
     LearningRate,
-    _check_nonnegative,
-    _check_range,
     add_decayed_weights,
+    check_nonnegative,
+    check_range,
     scale_by_adam,
     scale_by_learning_rate,
     trace,
@@ -32,9 +32,9 @@ def sgd(
     is ``sgd(alpha_tree)``; MAML++'s is ``sgd(lslr_tree, per_step=True)``.
     """
     call = "sgd(lr, momentum, ...)"
-    _check_nonnegative(call, "lr", lr)
-    _check_range(call, "momentum", momentum)
-    _check_nonnegative(call, "weight_decay", weight_decay)
+    check_nonnegative(call, "lr", lr)
+    check_range(call, "momentum", momentum)
+    check_nonnegative(call, "weight_decay", weight_decay)
     parts = []
     if weight_decay:
         parts.append(add_decayed_weights(weight_decay))
@@ -93,8 +93,8 @@ def _check_adam(
     call: str, lr: LearningRate, b1: float, b2: float, eps: float, weight_decay: float
 ) -> None:
     # Checked here as well as in the transforms so that the message names the call the user made.
-    _check_nonnegative(call, "lr", lr)
-    _check_range(call, "b1", b1)
-    _check_range(call, "b2", b2)
-    _check_nonnegative(call, "eps", eps)
-    _check_nonnegative(call, "weight_decay", weight_decay)
+    check_nonnegative(call, "lr", lr)
+    check_range(call, "b1", b1)
+    check_range(call, "b2", b2)
+    check_nonnegative(call, "eps", eps)
+    check_nonnegative(call, "weight_decay", weight_decay)

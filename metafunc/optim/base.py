@@ -85,7 +85,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def apply_updates(params: Any, updates: Any) -> Any:
     """``params + updates`` leaf by leaf, out of place; updates are cast to each param's dtype."""
-    mt._check_same_structure(
+    mt.check_same_structure(
         "apply_updates(params, updates)", (params, updates), ("params", "updates")
     )
     return optree.tree_map(lambda p, u: p + u.to(p.dtype), params, updates)

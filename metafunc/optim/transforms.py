@@ -33,12 +33,12 @@ LearningRate = Any
 (per-leaf rates; with ``per_step=True`` each leaf has a leading inner-step axis)."""
 
 
-def _check_nonnegative(call: str, name: str, value: Any) -> None:
+def check_nonnegative(call: str, name: str, value: Any) -> None:
     if isinstance(value, numbers.Real) and (value < 0 or value != value):
         raise ValueError(f"{call}: {name} must be >= 0, got {value!r}.")
 
 
-def _check_range(call: str, name: str, value: float) -> None:
+def check_range(call: str, name: str, value: float) -> None:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{call}: {name} must be in [0, 1), got {value!r}.")
 
@@ -71,7 +71,7 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
             uses ``lr[k]`` (MAML++'s per-layer, per-step rates).
     """
     call = "scale_by_learning_rate(lr)"
-    _check_nonnegative(call, "lr", lr)
+    check_nonnegative(call, "lr", lr)
     is_tree = _is_tree(lr)
     # decided once, and never callable() of a dict: dynamo before torch 2.14 cannot trace that
     is_schedule = not is_tree and not isinstance(lr, torch.Tensor) and callable(lr)
@@ -91,7 +91,7 @@ def scale_by_learning_rate(lr: LearningRate, *, per_step: bool = False) -> Gradi
 
     def rate_tree(grads: Any, count: torch.Tensor) -> Any:
         if is_tree:
-            mt._check_same_structure(call, (grads, lr), ("grads", "lr"))
+            mt.check_same_structure(call, (grads, lr), ("grads", "lr"))
             rates = lr
         else:
             rates = optree.tree_map(lambda _: lr, grads)
@@ -140,8 +140,8 @@ def trace(
     ``g + decay * buf`` with Nesterov, else ``buf``.
     """
     call = "trace(decay)"
-    _check_range(call, "decay", decay)
-    _check_range(call, "dampening", dampening)
+    check_range(call, "decay", decay)
+    check_range(call, "dampening", dampening)
     if nesterov and (decay <= 0 or dampening != 0):
         raise ValueError(f"{call}: nesterov needs decay > 0 and dampening 0 (as torch.optim.SGD).")
 
@@ -185,10 +185,10 @@ def scale_by_adam(
     Kingma & Ba, 2015. ``eps_root`` > 0 smooths the square root for second-order use.
     """
     call = "scale_by_adam(...)"
-    _check_range(call, "b1", b1)
-    _check_range(call, "b2", b2)
-    _check_nonnegative(call, "eps", eps)
-    _check_nonnegative(call, "eps_root", eps_root)
+    check_range(call, "b1", b1)
+    check_range(call, "b2", b2)
+    check_nonnegative(call, "eps", eps)
+    check_nonnegative(call, "eps_root", eps_root)
 
     def init(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(init_step(), mt.zeros_like(params), mt.zeros_like(params))
@@ -211,7 +211,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor) -> GradientTransform
     """``updates = grads + weight_decay * params`` (L2 / decoupled decay depending on where it
     sits in the chain: before Adam it is torch's ``Adam(weight_decay)``, after it ``AdamW``)."""
     call = "add_decayed_weights(weight_decay)"
-    _check_nonnegative(call, "weight_decay", weight_decay)
+    check_nonnegative(call, "weight_decay", weight_decay)
 
     def update(grads: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
         if params is None:
