@@ -44,6 +44,7 @@ PAPER: dict[str, tuple[str, dict[str, str], str]] = {
     "baseline-omniglot-5w1s": ("acc %", {"100": "–"}, "Chen et al. 2019 (no Omniglot row)"),
     "r2d2-omniglot-5w1s": ("acc %", {"0": "–"}, "Bertinetto et al. 2019 (other network)"),
     "metaoptnet-omniglot-5w1s": ("acc %", {"0": "–"}, "Lee et al. 2019 (no Omniglot row)"),
+    "metaoptnet-rr-omniglot-5w1s": ("acc %", {"0": "–"}, "Lee et al. 2019 (no Omniglot row)"),
     # Lake et al. 2015's within-alphabet 20-way one-shot runs: error, humans 4.5%, BPL 3.3%
     "protonet-omniglot-lake": ("error %", {"0": "8.0 Siamese, 4.5 humans"}, "Lake et al. 2015"),
     "protonet-omniglot-small1": ("error %", {"0": "24.0 deep convnet"}, "Lake et al. 2015"),

@@ -438,21 +438,29 @@ def test_every_flag_explains_itself_in_groups(capsys):
             assert choice in entry, f"{flag} does not list {choice}"
 
 
-@pytest.mark.parametrize(
-    ("flag", "value", "owners"),
-    [
-        ("--train-ways", "10", "protonet, r2d2, metaoptnet"),
-        ("--inner-optimizer", "adam", "reptile, imaml, baseline"),
-        ("--anneal", None, "reptile"),
-        ("--lam", "3", "imaml"),
-        ("--cg-steps", "7", "imaml"),
-        ("--finetune", "all", "baseline"),
-        ("--weights", "w.safetensors", "baseline"),
-        ("--batch-size", "64", "baseline"),
-        ("--first-order", None, "maml, anil, metasgd, mamlpp"),
-        ("--inner-checkpoint", None, "maml, fomaml, metasgd"),
-    ],
-)
+REFUSALS = [
+    ("--train-ways", "10", "protonet, r2d2, metaoptnet"),
+    ("--inner-optimizer", "adam", "reptile, imaml, baseline"),
+    ("--anneal", None, "reptile"),
+    ("--lam", "3", "imaml"),
+    ("--cg-steps", "7", "imaml"),
+    ("--finetune", "all", "baseline"),
+    ("--weights", "w.safetensors", "baseline"),
+    ("--batch-size", "64", "baseline"),
+    ("--first-order", None, "maml, anil, metasgd, mamlpp"),
+    ("--inner-checkpoint", None, "maml, fomaml, metasgd"),
+    ("--halve-every", "100", "protonet, r2d2, metaoptnet"),
+    ("--head", "ridge", "metaoptnet"),
+]
+
+
+def test_every_algorithm_specific_key_has_a_refusal_case():
+    from metafunc.harness.config import ONLY_FOR
+
+    assert {flag[2:].replace("-", "_") for flag, _, _ in REFUSALS} == set(ONLY_FOR)
+
+
+@pytest.mark.parametrize(("flag", "value", "owners"), REFUSALS)
 def test_a_flag_of_another_algorithm_is_refused_naming_its_algorithms(capsys, flag, value, owners):
     from metafunc.harness.config import ALGORITHMS, ONLY_FOR
 

@@ -31,6 +31,7 @@ COMPILE_CHOICES = ("auto", "off", *COMPILE_MODES)
 PRECISIONS = ("default", "ieee", "tf32", "bf16")
 PROTOCOLS = ("random", "within-alphabet")  # metafunc.data.PROTOCOLS, without importing torch
 AUGMENTATIONS = ("none", "affine")  # metafunc.data.AUGMENTATIONS
+HEADS = ("svm", "ridge")  # MetaOptNet's
 KERNELS = ("auto", "reference", "cpu")  # metafunc.models.base.KERNELS, and auto
 
 
@@ -88,6 +89,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "inner_optimizer": ("algorithm-specific", "Reptile, iMAML, baseline: sgd or adam"),
     "anneal": ("algorithm-specific", "Reptile: outer step size annealed linearly to 0"),
     "lam": ("algorithm-specific", "iMAML: proximal weight lambda"),
+    "head": ("algorithm-specific", "MetaOptNet: svm (MetaOptNet-SVM) or ridge (MetaOptNet-RR)"),
     "cg_steps": ("algorithm-specific", "iMAML: conjugate-gradient steps"),
     "finetune": ("algorithm-specific", "baseline: fine-tune the head or all"),
     "weights": ("algorithm-specific", "baseline: a pretrained backbone file"),
@@ -96,7 +98,7 @@ FLAGS: dict[str, tuple[str, str]] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS, "dataset": DATASETS, "model": MODELS, "strategy": STRATEGIES,
     "dtype": DTYPES, "inner_optimizer": INNER_OPTIMIZERS, "finetune": FINETUNE,
-    "precision": PRECISIONS, "compile": COMPILE_CHOICES, "protocol": PROTOCOLS,
+    "precision": PRECISIONS, "compile": COMPILE_CHOICES, "protocol": PROTOCOLS, "head": HEADS,
     "train_protocol": PROTOCOLS,
     "augment": AUGMENTATIONS, "kernels": KERNELS,
 }  # fmt: skip
@@ -107,6 +109,7 @@ GROUPS = ("task", "model", "inner loop", "outer loop", "evaluation", "speed", "r
 ONLY_FOR: dict[str, tuple[str, ...]] = {
     "train_ways": ("protonet", "r2d2", "metaoptnet"),
     "halve_every": ("protonet", "r2d2", "metaoptnet"),
+    "head": ("metaoptnet",),
     "inner_optimizer": ("reptile", "imaml", "baseline"),
     "anneal": ("reptile",),
     "lam": ("imaml",),
@@ -173,6 +176,7 @@ class Config:
     inner_optimizer: str | None = None
     anneal: bool = False
     lam: float = 2.0
+    head: str = "svm"
     cg_steps: int = 5
     finetune: str | None = None
     weights: str | None = None
@@ -246,6 +250,7 @@ class Config:
                 f"mini-ImageNet, tiered-ImageNet and CUB; {self.dataset}'s are fixed. Drop it."
             )
         choice("augment", AUGMENTATIONS)
+        choice("head", HEADS)
         if self.augment != "none" and not self.dataset.startswith("omniglot"):
             raise ConfigError(
                 f"config: augment={self.augment!r} (--augment) distorts Omniglot's strokes on "
@@ -499,6 +504,7 @@ PRESET_PAPERS: dict[str, str] = {
     "protonet-omniglot-20w1s": "Snell et al. 2017",
     "r2d2-omniglot-5w1s": "Bertinetto et al. 2019",
     "metaoptnet-omniglot-5w1s": "Lee et al. 2019",
+    "metaoptnet-rr-omniglot-5w1s": "Lee et al. 2019 (ridge head)",
     "reptile-omniglot-5w1s": "Nichol et al. 2018",
     "baseline-omniglot-5w1s": "Chen et al. 2019",
     "protonet-omniglot-lake": "Lake et al. 2015 protocol",
@@ -522,6 +528,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # with more ways than they test): 60-way training episodes, 5 queries, Adam 1e-3 halved
     "r2d2-omniglot-5w1s": {**_PROTONET, "algorithm": "r2d2", "ways": 5},
     "metaoptnet-omniglot-5w1s": {**_PROTONET, "algorithm": "metaoptnet", "ways": 5},
+    "metaoptnet-rr-omniglot-5w1s": {**_PROTONET, "algorithm": "metaoptnet", "ways": 5,
+                                    "head": "ridge"},
     # Nichol et al., Table 3 (Omniglot): 10 training shots, inner Adam 1e-3 x 5 steps, ε = 1
     # annealed to 0, meta-batch 5, 100k iterations, 50 steps at test, test classes unrotated.
     "reptile-omniglot-5w1s": {
