@@ -33,6 +33,14 @@ def intra_op_threads() -> Callable[[int], AbstractContextManager[None]]:
 
 
 @pytest.fixture
+def two_intra_op_threads() -> Iterator[None]:
+    """Two intra-op threads for the test, so that the ``'threads'`` strategy runs tasks
+    concurrently on any machine (``pytestmark = pytest.mark.usefixtures(...)`` for a module)."""
+    with _threads(2):
+        yield
+
+
+@pytest.fixture
 def gen() -> torch.Generator:
     """A fresh CPU generator with a fixed seed, so every test is reproducible."""
     return torch.Generator().manual_seed(0)

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from test_algorithms import LR, ref_meta_grad
-from test_algorithms_extra import sine_mlp, sine_tasks
+from helpers import LR, ref_meta_grad, sine_mlp, sine_tasks
 
 from metafunc import TaskBatch, conv4, tree
 from metafunc.algorithms import MAML, MetaSGD, Reptile

@@ -15,9 +15,17 @@ import json
 
 import pytest
 import torch
-from test_algorithms import LR, distinct_rates, mamlpp_case, ref_meta_grad
-from test_algorithms_extra import class_tasks, ref_imaml_grad, ref_protonet_loss, ref_reptile_params
-from test_algorithms_extra import sine_tasks as sine_tasks_cpu
+from helpers import (
+    LR,
+    class_tasks,
+    distinct_rates,
+    mamlpp_case,
+    ref_imaml_grad,
+    ref_meta_grad,
+    ref_protonet_loss,
+    ref_reptile_params,
+)
+from helpers import sine_tasks as sine_tasks_cpu
 
 from metafunc import TaskBatch, conv4, mlp, optim, tree
 from metafunc.algorithms import (
