@@ -99,6 +99,85 @@ def test_plain_and_funcvmap_agree_in_process(tmp_path: Path, changes: dict) -> N
         assert rows[impl]["ok"], rows[impl]
 
 
+def test_each_task_loop_peer_runs_its_official_backward_style_by_default(tmp_path: Path) -> None:
+    """plain, learn2learn and higher backpropagate per task by default (their official examples
+    do), the TorchOpt impls once on the mean; the ``-batch`` variants hold the whole batch, a
+    spec's explicit choice overrides the default (not a variant's name), every result says which
+    style ran, and the gradient is the same either way."""
+    import importlib
+
+    official = {"plain": True, "learn2learn": True, "higher": True, "torchopt": False}
+    official["torchopt-metasgd"] = False
+    for impl, per_task in official.items():
+        module = importlib.import_module(run_peer.IMPLS[impl])  # peers import their library late
+        assert module.PER_TASK_BACKWARD is per_task, impl
+    variants = run_peer.BATCH_VARIANTS
+    assert variants == {"plain-batch", "learn2learn-batch", "higher-batch"}
+    for variant in run_peer.BATCH_VARIANTS:
+        assert run_peer.IMPLS[variant] == run_peer.IMPLS[variant.removesuffix("-batch")]
+
+    spec = prepare(tiny_spec(), tmp_path, seed=4)
+    assert spec.per_task_backward is None
+    results = {
+        impl: run_peer.run(impl, spec, tmp_path / f"{impl}.grad.pt")
+        for impl in ("plain", "plain-batch", "funcvmap")
+    }
+    forced = spec.replace(per_task_backward=False)
+    results["plain-forced"] = run_peer.run("plain", forced, tmp_path / "forced.grad.pt")
+    styles = {impl: res["backward"] for impl, res in results.items()}
+    assert styles["plain"] == "per-task" and results["plain"]["spec"]["per_task_backward"]
+    assert styles["plain-batch"] == styles["plain-forced"] == "whole-batch"
+    assert styles["funcvmap"] == "one backward of the vmapped mean"
+    assert results["funcvmap"]["spec"]["per_task_backward"] is None  # no task loop: untouched
+    batch_of_forced = run_peer.run(
+        "plain-batch", spec.replace(per_task_backward=True), tmp_path / "variant.grad.pt"
+    )
+    assert batch_of_forced["backward"] == "whole-batch"  # the variant's name wins
+    rows = {r["impl"]: r for r in compare_gradients(results, "plain", rtol=1e-10)}
+    assert all(row["ok"] for row in rows.values()), rows
+
+
+def test_task_loop_refuses_an_unresolved_backward_style() -> None:
+    from benchmarks.peers.base import resolve_backward, run_task_loop
+
+    spec = tiny_spec()
+    with pytest.raises(ValueError, match="resolve_backward"):
+        run_task_loop(spec, [], lambda task: torch.zeros(()))
+    assert resolve_backward(spec, True).per_task_backward is True
+    assert resolve_backward(spec, True, force_batch=True).per_task_backward is False
+    assert resolve_backward(spec.replace(per_task_backward=False), True).per_task_backward is False
+    with pytest.raises(TypeError, match="per_task_backward"):
+        tiny_spec(per_task_backward="yes")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], None), (["--batch-backward"], False), (["--per-task-backward"], True)],
+)
+def test_driver_backward_flags_set_the_spec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], expected: bool | None
+) -> None:
+    """No flag leaves each impl its official style; ``--batch-backward`` and
+    ``--per-task-backward`` force one, and cannot be given together."""
+    from benchmarks.peers import driver
+
+    seen: list[bool | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(spec, impls, *args, **kwargs):
+        seen.append(spec.per_task_backward)
+        raise Stop
+
+    monkeypatch.setattr(driver, "_run_all", record)
+    with pytest.raises(Stop):
+        driver.main(["--settings", "omniglot-5w1s", "--workdir", str(tmp_path), *flags])
+    assert seen == [expected]
+    with pytest.raises(SystemExit):
+        driver.main(["--batch-backward", "--per-task-backward", "--workdir", str(tmp_path)])
+
+
 def test_first_order_differs_from_second_order(tmp_path: Path) -> None:
     second = prepare(tiny_spec(), tmp_path / "2", seed=2)
     first = prepare(tiny_spec(first_order=True), tmp_path / "1", seed=2)
@@ -238,10 +317,14 @@ def test_driver_results_name_the_machine_and_commit(tmp_path: Path) -> None:
     from benchmarks.peers import driver
 
     out = tmp_path / "r.json"
-    args = ["--check", "--settings", "omniglot-5w1s", "--impls", "plain,metafunc"]
+    args = ["--check", "--settings", "omniglot-5w1s", "--impls", "plain,plain-batch,metafunc"]
     args += ["--orders", "second", "--workdir", str(tmp_path), "--out", str(out)]
     assert driver.main(args) == 0
-    where = json.loads(out.read_text())["machine"]
+    result = json.loads(out.read_text())
+    styles = {row["impl"]: row["backward"] for row in result["rows"]}  # the check says which ran
+    assert styles["plain"] == "per-task" and styles["plain-batch"] == "whole-batch"
+    assert all(row["ok"] for row in result["rows"]) and result["per_task_backward"] is None
+    where = result["machine"]
     assert where["cpu"] and where["cpu_count"] >= 1 and "commit" in where
     header = out.with_suffix(".md").read_text().splitlines()[0]
     assert header.startswith(where["date"]) and f"commit {where['commit']}" in header

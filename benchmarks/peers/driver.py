@@ -325,7 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         "report the median of the rounds' medians and the spread of the per-round ratios",
     )
     p.add_argument("--first-order", action="store_true", help="timing mode: FOMAML")
-    p.add_argument("--per-task-backward", action="store_true")
+    backward = p.add_mutually_exclusive_group()
+    backward.add_argument(
+        "--batch-backward",
+        action="store_true",
+        help="every task-loop impl backpropagates the meta-batch's mean once (the whole batch's "
+        "graph held); default: each impl's official style (per task for plain, learn2learn, "
+        "higher; once for the TorchOpt impls); the rows' `backward` says which ran",
+    )
+    backward.add_argument(
+        "--per-task-backward",
+        action="store_true",
+        help="every task-loop impl backpropagates each task's loss / T as soon as it exists",
+    )
     p.add_argument(
         "--same-allocator",
         action="store_true",
@@ -337,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = dict(item.split("=", 1) for item in args.python_for)
     impls = [s for s in args.impls.split(",") if s]
     workdir: Path = args.workdir / time.strftime("%Y%m%d-%H%M%S")
-    extra = {"threads": args.threads, "per_task_backward": args.per_task_backward}
+    per_task = False if args.batch_backward else (True if args.per_task_backward else None)
+    extra = {"threads": args.threads, "per_task_backward": per_task}
     env = None
     if args.same_allocator:
         from metafunc.cpu import MALLOC_ENV
@@ -354,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                 results = _run_all(spec, impls, workdir, args.seed, overrides, env, args.timeout)
                 rows = compare_gradients(results, args.reference, rtol=1e-6)
                 failed |= any(r["ok"] is False for r in rows)
-                summary += [{"setting": spec.name, **r} for r in rows]
+                for r in rows:
+                    style = results[r["impl"]].get("backward")
+                    summary.append({"setting": spec.name, **r, "backward": style})
             continue
         spec = setting(
             name,
@@ -387,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             keep = ("status", "impl_version", "median_ms", "timed_iters", "tasks_per_s")
             keep += ("peak_memory_mib",)
             row = {"setting": name, "impl": impl, **{k: res.get(k) for k in keep}}
+            row["backward"] = res.get("backward")
             if flops and rate and res.get("status") == "ok":  # identical work: plain's count
                 achieved = flops / (res["median_ms"] / 1000.0)
                 row["gflop_per_s"] = round(achieved / 1e9, 2)
@@ -402,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["round_medians_ms"] = [round(m, 1) for m in res["round_medians_ms"]]
             summary.append(row)
     if args.check:
-        cols = ["setting", "impl", "status", "loss_rel_err", "grad_rel_err", "grad_global_rel_err"]
-        cols += ["worst_param", "ok"]
+        cols = ["setting", "impl", "backward", "status", "loss_rel_err", "grad_rel_err"]
+        cols += ["grad_global_rel_err", "worst_param", "ok"]
     else:
-        cols = ["setting", "impl", "status", "median_ms", "timed_iters", "tasks_per_s"]
+        cols = ["setting", "impl", "backward", "status", "median_ms", "timed_iters", "tasks_per_s"]
         cols += ["peak_memory_mib"]
         cols += ["peak_increase_mib", "gflop_per_s", "of_matmul", "grad_rel_err"]
         cols += ["grad_global_rel_err", "steal"]
@@ -424,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"), "device": args.device, "dtype": args.dtype,
             "threads": args.threads, "first_order": args.first_order, "iters": args.iters,
             "warmup": args.warmup, "rounds": args.rounds, "torch": torch.__version__,
+            "per_task_backward": per_task,  # None: each impl's official style (rows' `backward`)
             "allocator_env": env,  # --same-allocator's; rows' `allocator`: each process's
             "machine": machine(torch.device(args.device)),
         }  # fmt: skip

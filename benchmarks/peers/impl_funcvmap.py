@@ -17,6 +17,10 @@ DESCRIPTION = (
 )
 
 
+def backward_style(spec: Spec) -> str:
+    return "one backward of the vmapped mean"
+
+
 def library_version() -> str:
     return torch.__version__
 

@@ -10,6 +10,10 @@ from benchmarks.peers.base import Task, run_task_loop, split_tasks
 from benchmarks.peers.model import Conv4
 from benchmarks.peers.spec import Spec
 
+#: Per task, as higher's examples/maml-omniglot.py (``qry_loss.backward()`` inside each task's
+#: ``innerloop_ctx``).
+PER_TASK_BACKWARD = True
+
 DESCRIPTION = (
     "per task higher.innerloop_ctx(conv4 nn.Module, torch.optim.SGD, copy_initial_weights=False, "
     "track_higher_grads=not first_order), diffopt.step(support loss); first order: higher detaches "
@@ -23,6 +27,11 @@ def library_version() -> str:
     import higher  # noqa: F401  (higher has no __version__; ask the installed distribution)
 
     return version("higher")
+
+
+def backward_style(spec: Spec) -> str:
+    """First order backpropagates per task whatever the spec says (see ``forward_backward``)."""
+    return "per-task" if spec.first_order or spec.per_task_backward else "whole-batch"
 
 
 class HigherPeer:

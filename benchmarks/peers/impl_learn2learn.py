@@ -11,6 +11,10 @@ from benchmarks.peers.base import Task, run_task_loop, split_tasks
 from benchmarks.peers.model import Conv4
 from benchmarks.peers.spec import Spec
 
+#: Per task, as learn2learn's examples/vision/maml_omniglot.py (``evaluation_error.backward()``
+#: per task, then the gradients scaled by 1 / meta-batch).
+PER_TASK_BACKWARD = True
+
 DESCRIPTION = (
     "l2l.algorithms.MAML(conv4 nn.Module, lr, first_order); per task learner = maml.clone(), "
     "learner.adapt(support loss) per inner step, query loss of learner"

@@ -44,6 +44,10 @@ STRATEGIES = {
 }
 
 
+def backward_style(spec: Spec) -> str:
+    return "metafunc's own (the mean differentiated by pieces of tasks)"
+
+
 def library_version() -> str:
     import metafunc
 

@@ -10,6 +10,10 @@ from benchmarks.peers.base import Task, run_task_loop, split_tasks
 from benchmarks.peers.model import conv4_apply
 from benchmarks.peers.spec import Spec
 
+#: Per task, as PyTorch's own pure-PyTorch MAML example
+#: (functorch/examples/maml_omniglot/maml-omniglot-ptonly.py: ``qry_loss.backward()`` per task).
+PER_TASK_BACKWARD = True
+
 DESCRIPTION = (
     "per-task Python loop; hand-written functional conv4 (F.conv2d, F.batch_norm training=True); "
     "inner SGD via torch.autograd.grad(create_graph=not first_order)"

@@ -13,6 +13,10 @@ from benchmarks.peers.base import Task, run_task_loop, split_tasks
 from benchmarks.peers.model import Conv4
 from benchmarks.peers.spec import Spec
 
+#: Once on the mean: TorchOpt has no per-task functional MAML loop to follow, and its examples
+#: (few-shot/maml_omniglot.py, FuncTorch/maml_omniglot_vmap.py) backpropagate the mean once.
+PER_TASK_BACKWARD = False
+
 DESCRIPTION = (
     "TorchOpt functional API: per task opt = torchopt.sgd(lr), state = opt.init(params), "
     "grads = torch.autograd.grad(create_graph=not first_order), opt.update(grads, state, "

@@ -11,6 +11,10 @@ from benchmarks.peers.base import Task, run_task_loop, split_tasks
 from benchmarks.peers.model import Conv4
 from benchmarks.peers.spec import Spec
 
+#: Once on the mean, as TorchOpt's examples/few-shot/maml_omniglot.py
+#: (``torch.mean(torch.stack(qry_losses)).backward()`` after the task loop).
+PER_TASK_BACKWARD = False
+
 DESCRIPTION = (
     "TorchOpt OOP API (examples/few-shot/maml_omniglot.py): inner_opt = torchopt.MetaSGD(conv4, "
     "lr); per task inner_opt.step(support loss), query loss, then torchopt.recover_state_dict of "

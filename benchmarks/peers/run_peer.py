@@ -35,11 +35,12 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from benchmarks.peers.base import backward_label, resolve_backward  # noqa: E402
 from benchmarks.peers.inputs import load_data  # noqa: E402
 from benchmarks.peers.model import load_init, param_names  # noqa: E402
 from benchmarks.peers.spec import Spec, load_spec  # noqa: E402
 
-__all__ = ["IMPLS", "main", "run"]
+__all__ = ["BATCH_VARIANTS", "IMPLS", "main", "run"]
 
 #: Impl name -> module. An ``--impl`` that is not a key but contains a dot is imported as a module.
 IMPLS: dict[str, str] = {
@@ -49,6 +50,10 @@ IMPLS: dict[str, str] = {
     "higher": "benchmarks.peers.impl_higher",
     "torchopt": "benchmarks.peers.impl_torchopt",
     "torchopt-metasgd": "benchmarks.peers.impl_torchopt_metasgd",
+    # the peers whose official examples backpropagate per task, with one backward of the mean
+    "plain-batch": "benchmarks.peers.impl_plain",
+    "learn2learn-batch": "benchmarks.peers.impl_learn2learn",
+    "higher-batch": "benchmarks.peers.impl_higher",
     # one module, one variant per task-parallel strategy: build(..., variant=name)
     "metafunc": "benchmarks.peers.impl_metafunc",
     "metafunc-loop": "benchmarks.peers.impl_metafunc",
@@ -62,6 +67,10 @@ IMPLS: dict[str, str] = {
     "metafunc-unshared": "benchmarks.peers.impl_metafunc",
     "metafunc-reference": "benchmarks.peers.impl_metafunc",
 }
+
+
+#: The variants that backpropagate the mean once, whatever the spec's ``per_task_backward``.
+BATCH_VARIANTS = frozenset(name for name in IMPLS if name.endswith("-batch"))
 
 
 def _current_rss_kib() -> int:
@@ -144,6 +153,11 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
     reason = getattr(module, "unsupported", lambda _spec: None)(spec)
     if reason:
         return {**result, "status": "unsupported", "reason": reason}
+    official = getattr(module, "PER_TASK_BACKWARD", None)
+    if official is not None:  # a task loop: its official style unless told otherwise
+        spec = resolve_backward(spec, official, force_batch=impl in BATCH_VARIANTS)
+        result["spec"] = spec.to_json()
+    result["backward"] = getattr(module, "backward_style", backward_label)(spec)
 
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)

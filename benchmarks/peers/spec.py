@@ -41,9 +41,13 @@ class Spec:
         init_path, data_path: the init and data files (``make_inputs`` writes them); relative
             paths are relative to the spec file.
         threads: ``torch.set_num_threads`` value, or None for torch's default.
-        per_task_backward: call ``backward`` on each task's query loss divided by ``T`` as soon as
-            it is computed (the official learn2learn / higher example style, lower memory) instead
-            of once on the mean. Same gradient; ignored by impls without a task loop (funcvmap).
+        per_task_backward: None (the default) runs each task-loop impl in the backward style of
+            its library's official MAML example (``PER_TASK_BACKWARD`` in its module: per task
+            for plain, learn2learn and higher, once on the mean for the two TorchOpt impls).
+            True calls ``backward`` on each task's query loss divided by ``T`` as soon as it is
+            computed (lower memory: one task's graph at a time); False once on the mean (the
+            whole meta-batch's graph held). Same gradient; ignored by impls without a task loop
+            (funcvmap, metafunc*); the result's ``backward`` says which style ran.
     """
 
     name: str
@@ -66,7 +70,7 @@ class Spec:
     init_path: str = "init.pt"
     data_path: str = "data.pt"
     threads: int | None = None
-    per_task_backward: bool = False
+    per_task_backward: bool | None = None
     max_seconds: float | None = None
 
     def __post_init__(self) -> None:
@@ -93,6 +97,11 @@ class Spec:
             raise ValueError(
                 f"{where}: image_size={self.image_size} is too small for four 2x2 max-pools; "
                 "use image_size >= 16 or pooling='stride'."
+            )
+        if self.per_task_backward is not None and not isinstance(self.per_task_backward, bool):
+            raise TypeError(
+                f"{where}: per_task_backward={self.per_task_backward!r}; use True, False or None "
+                "(each impl's official style)."
             )
         if not isinstance(self.first_order, bool):
             raise TypeError(f"{where}: first_order={self.first_order!r}; it must be a bool.")
@@ -167,6 +176,13 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # so the five second-order support steps weigh more against the query pass
     "omniglot-20w1s-5q": {**_OMNIGLOT, "ways": 20, "shots": 1, "queries": 5, "meta_batch": 16,
                           "inner_steps": 5, "inner_lr": 0.1},
+    # the Omniglot settings on the max-pool conv4 (stride-1 convs, 2x2 max-pool per block, as
+    # on mini-ImageNet): about 4x the stride conv4's conv outputs, so the graphs a backward
+    # style holds weigh more
+    "omniglot-5w1s-maxpool": {**_OMNIGLOT, "pooling": "maxpool", "ways": 5, "shots": 1,
+                              "meta_batch": 32, "inner_steps": 1, "inner_lr": 0.4},
+    "omniglot-20w1s-maxpool": {**_OMNIGLOT, "pooling": "maxpool", "ways": 20, "shots": 1,
+                               "meta_batch": 16, "inner_steps": 5, "inner_lr": 0.1},
     "mini-5w1s": {**_MINI, "ways": 5, "shots": 1, "meta_batch": 4, "inner_steps": 5,
                   "inner_lr": 0.01},
     "mini-5w5s": {**_MINI, "ways": 5, "shots": 5, "meta_batch": 2, "inner_steps": 5,
