@@ -1,5 +1,5 @@
-"""Helpers shared by Reptile, iMAML, Prototypical Networks and the fine-tune baseline: the named
-inner optimizers, hyper-parameter checks, and the number of ways of a task from static shapes."""
+"""Helpers shared by the algorithms: the named inner optimizers, hyper-parameter checks, the
+number of ways of a task from static shapes, and the mean of per-task losses and metrics."""
 
 from __future__ import annotations
 
@@ -16,10 +16,18 @@ __all__ = [
     "check_ways_shots",
     "class_one_hot",
     "make_inner_optimizer",
+    "task_means",
     "ways_of",
 ]
 
 INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+def task_means(
+    losses: torch.Tensor, metrics: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The meta-batch's loss and metrics: each per-task tensor averaged over the tasks."""
+    return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
 
 def check_choice(name: str, arg: str, value: object, choices: Sequence[object]) -> None:

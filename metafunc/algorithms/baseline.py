@@ -17,6 +17,7 @@ from metafunc.algorithms._common import (
     check_ways_shots,
     class_one_hot,
     make_inner_optimizer,
+    task_means,
     ways_of,
 )
 from metafunc.algorithms.base import (
@@ -242,7 +243,7 @@ class Baseline(Algorithm):
             return F.mse_loss(preds, y), task_metrics("mse", preds, y)
 
         losses, metrics = self.map_tasks(one)(meta_params, batch)
-        return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return task_means(losses, metrics)
 
     # -- fine-tuning -------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import torch
 
 from metafunc import tree as mt
 from metafunc._transforms import under_grad
+from metafunc.algorithms._common import task_means
 from metafunc.algorithms.base import loss_fn_of, task_metrics
 from metafunc.data.batch import TaskBatch
 from metafunc.optim import apply_updates
@@ -52,7 +53,7 @@ def checkpointed_meta_grad(
         lambda mp, t: checkpointed_task_grad(alg, mp, t, iteration)
     )(meta_params, batch)
     mean = mt.map(lambda g: g.mean(0), grads)
-    return mean, losses.mean(), {k: v.mean() for k, v in metrics.items()}
+    return mean, *task_means(losses, metrics)
 
 
 def checkpointed_task_grad(

@@ -15,6 +15,7 @@ from metafunc.algorithms._common import (
     check_choice,
     check_positive,
     make_inner_optimizer,
+    task_means,
 )
 from metafunc.algorithms.base import (
     Algorithm,
@@ -153,7 +154,7 @@ class IMAML(Algorithm):
             theta = mt.detach(meta_params["params"])
             vs, losses, metrics = self.map_tasks(self.task_grad)(theta, batch)
         grads = {"params": mt.map(lambda v: v.mean(0), vs)}
-        return grads, losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return grads, *task_means(losses, metrics)
 
     def meta_loss(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
@@ -163,7 +164,7 @@ class IMAML(Algorithm):
             losses, metrics = self.map_tasks(self.task_loss)(
                 mt.detach(meta_params["params"]), batch
             )
-        return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return task_means(losses, metrics)
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)

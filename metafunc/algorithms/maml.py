@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from metafunc import tree as mt
 from metafunc.algorithms import checkpointed, shared_step
+from metafunc.algorithms._common import task_means
 from metafunc.algorithms.base import Algorithm, check_lr, check_steps, loss_fn_of, task_metrics
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
@@ -136,7 +137,7 @@ class MAML(Algorithm):
         losses, metrics = self.map_tasks(lambda mp, t: self.task_loss(mp, t, iteration))(
             meta_params, batch
         )
-        return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return task_means(losses, metrics)
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metafunc.algorithms._common import check_ways_shots, class_one_hot, ways_of
+from metafunc.algorithms._common import check_ways_shots, class_one_hot, task_means, ways_of
 from metafunc.algorithms.base import (
     Algorithm,
     check_lr,
@@ -102,7 +102,7 @@ class ProtoNet(Algorithm):
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         losses, metrics = self.map_tasks(self.task_loss)(meta_params, batch)
-        return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return task_means(losses, metrics)
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps(f"{type(self).__name__}.adapt_and_predict", "steps", steps, minimum=0)

@@ -8,7 +8,12 @@ from typing import Any
 import torch
 
 from metafunc import tree as mt
-from metafunc.algorithms._common import INNER_OPTIMIZERS, check_choice, make_inner_optimizer
+from metafunc.algorithms._common import (
+    INNER_OPTIMIZERS,
+    check_choice,
+    make_inner_optimizer,
+    task_means,
+)
 from metafunc.algorithms.base import (
     Algorithm,
     check_lr,
@@ -89,7 +94,7 @@ class Reptile(Algorithm):
             params = mt.detach(meta_params["params"])
             deltas, losses, metrics = self.map_tasks(self.task_step)(params, batch)
         mean_delta = mt.map(lambda d: d.mean(0), deltas)
-        return mean_delta, losses.mean(), {k: v.mean() for k, v in metrics.items()}
+        return mean_delta, *task_means(losses, metrics)
 
     def meta_grad(
         self, meta_params: Any, batch: TaskBatch, *, iteration: int = 0

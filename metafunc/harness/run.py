@@ -179,10 +179,10 @@ def build_algorithm(cfg: Config, train_tasks: Any, strategy: str) -> algorithms.
     heads = {"protonet": algorithms.ProtoNet, "r2d2": algorithms.R2D2,
              "metaoptnet": algorithms.MetaOptNet}  # fmt: skip
     if name in heads:
-        extra = {"head": cfg.head} if name == "metaoptnet" else {}
+        head: dict[str, Any] = {"head": cfg.head} if name == "metaoptnet" else {}
         return heads[name](
             build_model(cfg, None), shots=cfg.shots, halve_every=cfg.halve_every or None,
-            **extra, **common,
+            **head, **common,
         )  # fmt: skip
     # the pretrain-then-fine-tune baseline
     extra: dict[str, Any] = {"finetune": cfg.finetune}
