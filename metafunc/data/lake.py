@@ -28,7 +28,6 @@ from metafunc.data.sampler import (
     check_generator,
     check_num_tasks,
     check_rotations,
-    distort,
 )
 
 __all__ = ["WithinAlphabetRuns", "alphabet_of"]
@@ -152,11 +151,8 @@ class WithinAlphabetRuns:
         call = "WithinAlphabetRuns.sample"
         check_num_tasks(num_tasks, call=call)
         check_generator(generator, call=call)
-        batch = self._episodes.gather(self._rows(num_tasks, generator))
-        if self._episodes.augment == "affine":
-            batch = TaskBatch(*(distort(x, generator) if x.is_floating_point() else x
-                                for x in batch))  # fmt: skip
-        return batch
+        return self._episodes.augmented(self._episodes.gather(self._rows(num_tasks, generator)),
+                                        generator)  # fmt: skip
 
     def episodes(self, count: int, seed: int, batch_size: int = 32) -> Iterator[TaskBatch]:
         """A fixed set of ``count`` runs drawn from ``seed``, ``batch_size`` at a time; the runs

@@ -264,6 +264,8 @@ def _hold_out_alphabets(
 ) -> ClassSplits:
     """Splits with ``count`` whole background alphabets held out for validation: out of the
     training set for ``"lake"``, from the background alphabets outside it for the small sets."""
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise ValueError(f"{call}: validation_alphabets={count!r}; pass an int (alphabets).")
     if split == "vinyals" or num_validation:
         raise ValueError(
             f"{call}: validation_alphabets holds out whole alphabets of the Lake splits "

@@ -156,23 +156,29 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
     return build
 
 
-def _mini_imagenet(
-    root: Path | None,
-    c: _Common,
-    *,
-    image_size: int = 84,
-    resample: str = "lanczos",
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    cache: bool = True,
-    workers: int | None = None,
-) -> Benchmark:
-    splits = mini_imagenet_splits(
-        _data_root(root, c), image_size=image_size, resample=resample, cache_dir=cache_dir,
-        cache=cache, workers=workers,
-    )  # fmt: skip
-    return _samplers(splits, c, mean=mean, std=std)
+def _decoded(load_splits: Callable[..., ClassSplits]) -> Callable[..., Benchmark]:
+    """The builder of a benchmark decoded from image files at ``image_size`` (mini-ImageNet,
+    tiered-ImageNet)."""
+
+    def build(
+        root: Path | None,
+        c: _Common,
+        *,
+        image_size: int = 84,
+        resample: str = "lanczos",
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache: bool = True,
+        workers: int | None = None,
+    ) -> Benchmark:
+        splits = load_splits(
+            _data_root(root, c), image_size=image_size, resample=resample, cache_dir=cache_dir,
+            cache=cache, workers=workers,
+        )  # fmt: skip
+        return _samplers(splits, c, mean=mean, std=std)
+
+    return build
 
 
 def _cifar_fs(
@@ -183,25 +189,6 @@ def _cifar_fs(
     std: float | Sequence[float] | None = None,
 ) -> Benchmark:
     return _samplers(cifar_fs_splits(_data_root(root, c)), c, mean=mean, std=std)
-
-
-def _tiered_imagenet(
-    root: Path | None,
-    c: _Common,
-    *,
-    image_size: int = 84,
-    resample: str = "lanczos",
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    cache: bool = True,
-    workers: int | None = None,
-) -> Benchmark:
-    splits = tiered_imagenet_splits(
-        _data_root(root, c), image_size=image_size, resample=resample, cache_dir=cache_dir,
-        cache=cache, workers=workers,
-    )  # fmt: skip
-    return _samplers(splits, c, mean=mean, std=std)
 
 
 def _cub(
@@ -270,9 +257,9 @@ _BUILDERS: dict[str, Callable[..., Benchmark]] = {
     "omniglot-lake": _omniglot("lake"),
     "omniglot-small1": _omniglot("small1"),
     "omniglot-small2": _omniglot("small2"),
-    "mini-imagenet": _mini_imagenet,
+    "mini-imagenet": _decoded(mini_imagenet_splits),
     "cifar-fs": _cifar_fs,
-    "tiered-imagenet": _tiered_imagenet,
+    "tiered-imagenet": _decoded(tiered_imagenet_splits),
     "cub": _cub,
     "fc100": _fc100,
     "folder": _folder,

@@ -242,11 +242,7 @@ class EpisodeSampler:
         check_num_tasks(num_tasks, call=call)
         check_generator(generator, call=call)
         ids, rows = self._draw(num_tasks, generator)
-        batch = self.gather(rows)
-        if self.augment == "affine":
-            batch = TaskBatch(*(distort(x, generator) if x.is_floating_point() else x
-                                for x in batch))  # fmt: skip
-        return batch, ids
+        return self.augmented(self.gather(rows), generator), ids
 
     def sample_keyed(self, num_tasks: int, key: torch.Tensor) -> TaskBatch:
         """A meta-batch of ``num_tasks`` tasks drawn from ``key`` (:mod:`metafunc.data.keys`):
@@ -311,6 +307,13 @@ class EpisodeSampler:
             keys.masked_fill_(torch.arange(self._examples, device=device) >= real, -1.0)
         picks = keys.topk(self.shots + self.queries, dim=-1).indices
         return ids, ids.unsqueeze(-1) * self._examples + picks
+
+    def augmented(self, batch: TaskBatch, generator: torch.Generator) -> TaskBatch:
+        """``batch`` with the sampler's ``augment`` applied to its images (drawn with
+        ``generator``): training batches, never :meth:`episodes`."""
+        if self.augment == "none":
+            return batch
+        return TaskBatch(*(distort(x, generator) if x.is_floating_point() else x for x in batch))
 
     def gather(self, rows: torch.Tensor) -> TaskBatch:
         """The tasks whose images are at ``rows`` ``[T, N, K + Q]`` (row ``class * examples +
