@@ -14,7 +14,6 @@ under ``torchrun`` the same script joins the group (gloo on CPUs, NCCL between G
 import argparse
 
 import torch
-import torch.distributed as dist
 
 import metafunc as mf
 import metafunc.distributed as mfd
@@ -52,8 +51,7 @@ def main() -> None:
     if mfd.rank() == 0:
         print(f"ranks: {mfd.world_size()}, meta-parameters in sync")
         print(f"query MSE before adaptation {mse[0]:.4f}, after 1 step {mse[1]:.4f}")
-    if context is not None and context.owns_group:
-        dist.destroy_process_group()
+    mfd.shutdown(context)  # all ranks together; nothing outside torchrun
 
 
 if __name__ == "__main__":

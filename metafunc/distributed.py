@@ -19,12 +19,12 @@ the same meta-parameters (to rounding), as 1 process with meta-batch 8, and a ch
 by one world size resumes on another. (Seeding each rank from ``(seed, rank, step)`` would also be
 reproducible, but only for one world size.)
 
-A researcher's own loop adds three lines (join the group, keep this rank's tasks, average)::
+A researcher's own loop adds four lines (join the group, keep this rank's tasks, average, leave together)::
 
     import metafunc as mf
     import metafunc.distributed as mfd
 
-    mfd.init_from_env()  # joins torchrun's process group (nothing when not under torchrun)
+    context = mfd.init_from_env()  # joins torchrun's group (None when not under torchrun)
     for step in range(steps):
         batch = sampler.sample(meta_batch, generator)  # the same generator seed on every rank
         local = mfd.split_batch(batch)  # this rank's tasks
@@ -32,6 +32,7 @@ A researcher's own loop adds three lines (join the group, keep this rank's tasks
         grads = mfd.all_reduce_mean(grads, weight=local.num_tasks)
         updates, state = opt.update(grads, state, meta)
         meta = mf.optim.apply_updates(meta, updates)
+    mfd.shutdown(context)  # all ranks together
 
 Start every rank from the same ``meta`` (the same init seed, or ``mfd.broadcast_tree(meta)``).
 This module loads on first use (``mf.distributed``), so ``import metafunc`` stays light.
@@ -65,6 +66,7 @@ __all__ = [
     "is_initialized",
     "local_slice",
     "rank",
+    "shutdown",
     "split_batch",
     "split_sizes",
     "tree_digest",
@@ -86,7 +88,8 @@ def _dist() -> Any:
 class Context:
     """Where this process stands in the process group.
 
-    ``owns_group``: :func:`init_from_env` created the group (so its caller should destroy it);
+    ``owns_group``: :func:`init_from_env` created the group (so its caller should end it with
+    :func:`shutdown`);
     ``False`` when the group already existed.
     """
 
@@ -152,6 +155,28 @@ def init_from_env(
         ranks = {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"])}
         dist.init_process_group(backend, store=store, **ranks, **kwargs)
     return Context(rank(), world_size(), local, backend, True)
+
+
+def shutdown(context: Context | None, *, together: bool = True) -> None:
+    """End the process group ``context`` owns; nothing when it is ``None`` or owns none.
+
+    With ``together`` (the default) every rank first meets at a barrier, because a rank that
+    tears gloo down while a peer is still in a collective or its own teardown can abort that
+    peer ("terminate called without an active exception", exit code -6); pass
+    ``together=False`` on an error path, where some peer may never arrive. The group's worker
+    threads are collected here rather than in interpreter finalisation, where they can abort too.
+    """
+    if context is None or not context.owns_group or not is_initialized():
+        return
+    import gc
+
+    dist = _dist()
+    try:
+        if together:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+        gc.collect()
 
 
 def _attempt_store(timeout: timedelta | None) -> Any:

@@ -268,7 +268,9 @@ try:
     raise SystemExit("assert_same missed a different seed")
 except ValueError as err:
     assert "rank 1 has seed=1 (rank 0: 0)" in str(err), err
-torch.distributed.destroy_process_group()
+mfd.shutdown(ctx)
+assert not mfd.is_initialized()
+mfd.shutdown(ctx)  # a second call does nothing
 print("library ok")
 """
 

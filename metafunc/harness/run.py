@@ -633,18 +633,15 @@ def train(
     meta-parameters and optimizer state.
     """
     ctx = mdist.init_from_env()
-    owns = ctx is not None and ctx.owns_group
+    ended = False
     try:
         result = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
-        if owns:  # tear down together: a rank that leaves first can abort its peer's gloo
-            torch.distributed.barrier()
+        mdist.shutdown(ctx)  # every rank together
+        ended = True
         return result
     finally:  # also on errors: a process group left alive can abort the interpreter at exit
-        if owns:
-            import gc
-
-            torch.distributed.destroy_process_group()
-            gc.collect()  # the group's worker threads end now, not in interpreter finalisation
+        if not ended:
+            mdist.shutdown(ctx, together=False)
 
 
 def _train(
