@@ -19,7 +19,8 @@ the same meta-parameters (to rounding), as 1 process with meta-batch 8, and a ch
 by one world size resumes on another. (Seeding each rank from ``(seed, rank, step)`` would also be
 reproducible, but only for one world size.)
 
-A researcher's own loop adds four lines (join the group, keep this rank's tasks, average, leave together)::
+A researcher's own loop adds four lines (join the group, keep this rank's tasks, average,
+leave together)::
 
     import metafunc as mf
     import metafunc.distributed as mfd
