@@ -50,18 +50,20 @@ def default_strategy(device: torch.device | str, *, convolutional: bool = True) 
 
     On CUDA: ``'vmap'`` (one batched kernel per op across tasks). On the CPU: ``'vmap'`` for work
     without convolutions (an MLP's matrix products batch well, and a per-task loop of small
-    tasks is all Python overhead); for convolutional work ``'threads'`` (the per-task loop, as
-    many tasks at a time as ``torch.get_num_threads()``, each on one thread; with one thread it
-    is ``'loop'``), as ``vmap`` turns a per-task convolution into a slower grouped one.
-    :func:`task_map` and the algorithms find out whether the work convolves by running it
-    (:func:`uses_convolutions`). The winner still depends on the machine and the work:
-    :func:`metafunc.algorithms.tune_strategy` (which ``metafunc train --strategy auto`` calls)
-    times the candidates on your own work. Measurements: ``benchmarks/bench_task_map.py``,
-    HISTORY "task_map auto".
+    tasks is all Python overhead); for convolutional work ``'loop'``, as ``vmap`` turns a
+    per-task convolution into a slower grouped one. The loop holds one task's graph at a time,
+    which is what learn2learn's and higher's users hold (a backward per task); ``'threads'``
+    (``torch.get_num_threads()`` tasks at once, each on one intra-op thread) is faster on a few
+    cores but holds that many graphs and more: a speed-for-memory trade made by asking for it,
+    or by :func:`metafunc.algorithms.tune_strategy` (which ``metafunc train --strategy auto``
+    calls), which times the candidates on your own work. :func:`task_map` and the algorithms
+    find out whether the work convolves by running it (:func:`uses_convolutions`).
+    Measurements: ``benchmarks/bench_task_map.py``, HISTORY "task_map auto" and "One task's
+    graph at a time".
     """
     if torch.device(device).type == "cuda" or not convolutional:
         return "vmap"
-    return "threads"
+    return "loop"
 
 
 def resolved_strategy(
@@ -116,7 +118,7 @@ def tasks_at_once(
 
 def task_workers(strategy: str, device: torch.device | str, *, convolutional: bool = True) -> int:
     """How many tasks ``strategy`` runs at once on ``device``: ``torch.get_num_threads()`` for
-    ``'threads'`` (or ``'auto'`` on the CPU), each task on one intra-op thread; 1 for the other
+    ``'threads'``, each task on one intra-op thread; 1 for the other
     strategies and on a non-CPU device. :func:`run_tasks` still runs them in turn where the
     calling thread has state the workers would not share. While ``torch.compile`` traces the
     answer is 1: a compiled graph covers one task (or one chunk), and its pieces run in turn."""

@@ -340,7 +340,7 @@ def test_auto_strategy_of_a_pretraining_run_is_the_device_rule_without_timing(
     with intra_op_threads(2):
         cfg = Config(algorithm="baseline", dataset="omniglot", strategy="auto")
         resolved, times = harness_run.resolve_strategy(cfg)
-    assert resolved.strategy == "threads" and times == {}
+    assert resolved.strategy == "loop" and times == {}
 
 
 def test_auto_strategy_builds_one_meta_gradient_per_candidate_and_times_the_last_iteration(

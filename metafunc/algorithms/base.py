@@ -410,7 +410,7 @@ class Algorithm:
         signature and gradients as :meth:`meta_grad` up to rounding (tested in float64).
 
         The graph covers as many tasks as the algorithm's strategy handles at once: one task for
-        ``'loop'`` and ``'threads'`` (the CPU's ``'auto'``), ``chunk_size`` for ``'chunked'``, the
+        ``'loop'`` (the CPU's ``'auto'``) and ``'threads'``, ``chunk_size`` for ``'chunked'``, the
         whole meta-batch for ``'vmap'`` (CUDA's ``'auto'``). A larger meta-batch is split into
         such pieces, each run in turn through the same compiled graph (on the calling thread,
         also under ``'threads'``), and the results averaged by task count (every algorithm's

@@ -10,7 +10,8 @@ a time. The gradients are those of the generic path (tested in float64).
 
 It pays for a one-step inner loop on small support sets; with larger support sets or more steps
 the tasks' own steps are as fast, for a fraction of the memory (the chunk's vmapped second-order
-graph), so the default shares only there (:func:`shares_first_step`).
+graph), so the default shares only there, and only under ``'threads'``, the strategy that
+already trades memory for speed (:func:`shares_first_step`).
 """
 
 from __future__ import annotations
@@ -50,13 +51,15 @@ SHARED_STEP_MAX_SUPPORT = 8
 def shares_first_step(alg: MAML, meta_params: Any, batch: TaskBatch) -> bool:
     """Whether ``alg.meta_grad`` takes the tasks' first inner step at once.
 
-    ``shared_first_step=None`` (the default) shares where it pays: a one-step inner loop on
-    support sets of at most :data:`SHARED_STEP_MAX_SUPPORT` examples per task, whose tasks then
-    run per task (``'loop'``, ``'threads'``, or ``'auto'`` on the CPU, which runs the query
-    passes as ``'threads'``), for a model known to be exact under ``vmap``
-    (``Model.vmap_exact``: metafunc's own models, not :func:`~metafunc.models.from_module`'s,
-    whose custom layers may not be, so that ``'loop'`` stays the safe reference for them).
-    ``True`` shares on the per-task strategies for any model; ``False`` never. ``'vmap'`` and
+    ``shared_first_step=None`` (the default) shares where it pays and memory was already
+    traded for speed: under ``'threads'``, for a one-step inner loop on support sets of at
+    most :data:`SHARED_STEP_MAX_SUPPORT` examples per task, for a model known to be exact
+    under ``vmap`` (``Model.vmap_exact``: metafunc's own models, not
+    :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that ``'loop'``
+    stays the safe reference for them). Not under ``'loop'`` (the CPU's ``'auto'`` for
+    convolutional work), which holds one task's graph at a time: the shared step would hold
+    a chunk's second-order support graph beside it (HISTORY "One task's graph at a time").
+    ``True`` shares on both per-task strategies for any model; ``False`` never. ``'vmap'`` and
     ``'chunked'`` share the first step anyway.
 
     Only for the algorithms whose inner loop is MAML's over the whole task (MAML, first-order
@@ -82,7 +85,7 @@ def shares_first_step(alg: MAML, meta_params: Any, batch: TaskBatch) -> bool:
     if alg.shared_first_step is None:
         support = batch.support_x.shape[1] if batch.support_x.dim() > 1 else 0
         return (
-            rest in ("loop", "threads")
+            rest == "threads"
             and alg.inner_steps == 1
             and alg.model.vmap_exact
             and support <= SHARED_STEP_MAX_SUPPORT
