@@ -24,9 +24,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="10 iterations, for a smoke test")
     args = parser.parse_args()
-    iterations, meta_batch = (10, 4) if args.tiny else (2000, 25)
-
     context = mfd.init_from_env()  # None outside torchrun: one process
+    try:
+        train(tiny=args.tiny)
+    except BaseException:
+        mfd.shutdown(context, together=False)  # a failed peer may never reach a barrier
+        raise
+    mfd.shutdown(context)  # all ranks together; nothing outside torchrun
+
+
+def train(*, tiny: bool) -> None:
+    iterations, meta_batch = (10, 4) if tiny else (2000, 25)
     alg = MAML(mf.mlp(), inner_lr=0.01, inner_steps=1, loss="mse")
     meta = mfd.broadcast_tree(alg.init(torch.Generator().manual_seed(0)))  # rank 0's start
     opt = mf.optim.adam(1e-3)
@@ -51,7 +59,6 @@ def main() -> None:
     if mfd.rank() == 0:
         print(f"ranks: {mfd.world_size()}, meta-parameters in sync")
         print(f"query MSE before adaptation {mse[0]:.4f}, after 1 step {mse[1]:.4f}")
-    mfd.shutdown(context)  # all ranks together; nothing outside torchrun
 
 
 if __name__ == "__main__":

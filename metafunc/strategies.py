@@ -29,6 +29,7 @@ __all__ = [
     "STRATEGIES",
     "check_strategies",
     "default_strategy",
+    "exact_under_vmap",
     "resolved_strategy",
     "seeded",
     "strategy_candidates",
@@ -183,7 +184,10 @@ class _Unsuited(Exception):
     """Raised by :class:`_VmapGuard` to fall back from ``vmap`` to a per-task strategy."""
 
 
-_INEXACT_UNDER_VMAP = {F.batch_norm, F.layer_norm, F.instance_norm}
+_INEXACT_UNDER_VMAP = {
+    F.batch_norm, F.layer_norm, F.instance_norm, torch.batch_norm, torch.layer_norm,
+    torch.instance_norm, torch.native_batch_norm, torch.native_layer_norm,
+}  # fmt: skip
 _CONVOLUTIONS = {
     F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
 }  # fmt: skip
@@ -232,6 +236,21 @@ def uses_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
     except Exception:
         return True
     return False
+
+
+def exact_under_vmap(fn: Callable[..., Any], *args: Any) -> bool:
+    """Whether ``torch.func.vmap(fn, in_dims=(None, 0, ...))(*args)`` (the first argument shared,
+    the others mapped) runs without what makes ``vmap`` differ from the per-task loop here:
+    ``F.batch_norm``, ``F.layer_norm`` or ``F.instance_norm`` (wrong second-order gradients on
+    this torch, functorch#534) or a random draw (``vmap`` cannot draw from the loop's per-task
+    streams). Run once without gradients on a few tasks; ``False`` when ``fn`` fails there."""
+    in_dims = (None, *(0 for _ in args[1:]))
+    try:
+        with torch.no_grad(), _VmapGuard(convolutions=False):
+            torch.func.vmap(fn, in_dims=in_dims, randomness="error")(*args)
+    except Exception:
+        return False
+    return True
 
 
 def seeded(calls: Sequence[Callable[[], T]], randomness: str, call: str) -> list[Callable[[], T]]:

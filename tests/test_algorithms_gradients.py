@@ -43,8 +43,8 @@ def batch(gen):
     return conv_batch(gen)
 
 
-# on the per-task strategies MAML shares the first inner step across tasks by default
-# (shared_first_step); both ways are checked against the reference
+# MAML can share the first inner step across tasks on the per-task strategies
+# (shared_first_step; by default only under 'threads'); both ways are checked against the reference
 PER_TASK = [("loop", True), ("loop", False), ("vmap", True), ("threads", True), ("threads", False)]
 
 

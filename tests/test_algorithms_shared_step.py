@@ -104,11 +104,19 @@ def test_maml_shared_first_step_only_at_the_top_level(gen, batch):
         patch.setattr(shared_step, "SHARED_STEP_MAX_SUPPORT", 5)
         assert not shares_first_step(small, meta, batch)
         assert shares_first_step(dataclasses.replace(small, shared_first_step=True), meta, batch)
-    # ... and only for a model known exact under vmap: from_module's stay per task unless asked
-    unknown = dataclasses.replace(alg, model=dataclasses.replace(alg.model, vmap_exact=False))
-    assert not shares_first_step(unknown, meta, batch)
-    assert shares_first_step(dataclasses.replace(unknown, shared_first_step=True), meta, batch)
-    assert not from_module(torch.nn.Linear(3, 2)).vmap_exact and alg.model.vmap_exact
+    # ... and only for a model exact under vmap: one that draws dropout runs its tasks alone
+    dropping = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3), torch.nn.Dropout(0.1)
+    ).double()
+    inexact = MAML(from_module(dropping), inner_lr=LR, strategy="threads")
+    inexact_meta = inexact.init(gen, dtype=torch.float64)
+    assert not shares_first_step(inexact, inexact_meta, batch)
+    assert shares_first_step(
+        dataclasses.replace(inexact, shared_first_step=True), inexact_meta, batch
+    )
+    # ... while the same network without dropout (any module's, not only metafunc's) shares
+    plain = MAML(from_module(dropping[:2]), inner_lr=LR, strategy="threads")
+    assert shares_first_step(plain, plain.init(gen, dtype=torch.float64), batch)
     needs = tree.map(lambda x: x.clone().requires_grad_(), meta)
     assert not shares_first_step(alg, needs, batch)
     with torch.no_grad():

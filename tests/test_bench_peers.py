@@ -195,7 +195,7 @@ def test_a_run_without_impls_compares_metafunc_with_every_peer(
 ) -> None:
     # `metafunc bench peers` with no --impls must time metafunc itself, against all the peers
     assert DEFAULT_IMPLS[0] == "plain"
-    assert {"metafunc", "metafunc-loop"} <= set(DEFAULT_IMPLS)
+    assert {"metafunc", "metafunc-threads"} <= set(DEFAULT_IMPLS)
     assert set(PEER_IMPLS) <= set(DEFAULT_IMPLS) <= set(run_peer.IMPLS)
     from benchmarks.peers import driver
 

@@ -18,6 +18,14 @@ from metafunc.harness import Config, ConfigError
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from a clean slate: the tests compile the same functions in many
+    variants, which in one process would add up to dynamo's recompile limit (8 per function)."""
+    torch._dynamo.reset()
+    yield
+
+
 def rel(a, b) -> float:
     return float(tree.global_norm(tree.sub(a, b)) / tree.global_norm(b))
 
@@ -72,15 +80,17 @@ def test_compiled_loop_runs_one_task_graph_for_any_meta_batch(gen):
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
 
 
-def test_compiled_default_strategy_with_intra_op_threads(gen, intra_op_threads):
-    """The CPU default ('auto', which runs tasks on threads when torch has several) compiles:
-    the traced graph is one task's and the pieces run in turn, with the reference gradients."""
+@pytest.mark.parametrize("strategy", ["auto", "threads"])
+def test_compiled_per_task_strategies_with_intra_op_threads(gen, intra_op_threads, strategy):
+    """The CPU's per-task strategies compile ('auto': the loop; 'threads', which runs tasks on
+    threads when torch has several): the traced graph is one task's and the pieces run in turn,
+    on the calling thread, with the reference gradients."""
     tasks, ways, shots = 3, 2, 1
     x = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
     y = torch.arange(ways).repeat_interleave(shots).expand(tasks, -1).clone()
     q = torch.randn(tasks, ways * shots, 1, 28, 28, generator=gen, dtype=torch.float64)
     batch = TaskBatch(x, y, q, y)
-    alg = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1)
+    alg = MAML(conv4(ways, hidden=4), inner_lr=LR, inner_steps=1, strategy=strategy)
     meta = alg.init(gen, dtype=torch.float64)
     with intra_op_threads(2):
         grads, loss, _ = alg.compiled_meta_grad(backend="aot_eager")(meta, batch)

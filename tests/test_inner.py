@@ -24,7 +24,7 @@ from metafunc import (
 from metafunc._threads import run_tasks
 from metafunc.algorithms import MAML
 from metafunc.inner import grad_with_aux
-from metafunc.strategies import task_workers
+from metafunc.strategies import default_strategy, task_workers
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},
@@ -422,6 +422,14 @@ def test_task_map_bad_arguments(gen):
 # ---------------------------------------------------------------------------------------------
 # The 'threads' strategy: tasks run concurrently on CPU threads, one intra-op thread each.
 # ---------------------------------------------------------------------------------------------
+
+
+def test_default_strategy_is_the_loop_for_convolutions_on_the_cpu():
+    """'auto' holds one task's graph at a time where vmap's grouped convolutions would be slow
+    (the CPU), and is vmap elsewhere."""
+    assert default_strategy("cpu") == "loop"
+    assert default_strategy("cpu", convolutional=False) == "vmap"
+    assert default_strategy("cuda") == "vmap"
 
 
 def test_threads_run_tasks_concurrently_on_one_intra_op_thread_each(intra_op_threads):

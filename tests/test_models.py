@@ -9,6 +9,7 @@ from torch import nn
 
 from metafunc import TaskBatch, adapt, conv4, from_module, mlp, optim, resnet12, task_map, tree
 from metafunc.models import batch_norm
+from metafunc.strategies import exact_under_vmap
 
 
 def count(params: dict[str, torch.Tensor]) -> int:
@@ -291,14 +292,37 @@ def second_order_vmap_errors(model, params, x, strategies):
     )
 
 
-@pytest.mark.parametrize("name", ["conv4-stride", "conv4-maxpool", "resnet12", "mlp"])
-def test_native_models_are_vmap_exact(gen, name):
-    """What ``Model.vmap_exact`` promises for metafunc's own models (MAML then batches their
-    tasks' shared first step under vmap even on the 'loop' strategy): a second-order inner
+def test_exact_under_vmap_refuses_torch_norms_and_random_draws(gen):
+    """``F.batch_norm`` / ``F.layer_norm`` called directly (wrong second-order gradients under
+    vmap on this torch) or ``nn.Dropout`` (a draw vmap cannot split into the loop's per-task
+    streams) make a function inexact; from_module's converted norms and plain layers are exact,
+    and a function that fails is reported inexact."""
+    x = torch.randn(2, 4, 5, generator=gen)
+    w = torch.ones(5)
+    assert not exact_under_vmap(lambda p, t: F.layer_norm(t, (5,), p), w, x)
+    assert not exact_under_vmap(lambda p, t: F.batch_norm(t, None, None, p, training=True), w, x)
+    assert exact_under_vmap(lambda p, t: t * p, w, x)
+    for layer, exact in ((torch.nn.BatchNorm1d(5), True), (torch.nn.LayerNorm(5), True),
+                         (torch.nn.Dropout(0.5), False)):  # fmt: skip
+        model = from_module(torch.nn.Sequential(torch.nn.Linear(5, 5), layer))
+        assert exact_under_vmap(model.apply, model.init(), x) == exact, layer
+    assert not exact_under_vmap(lambda p, t: p @ t, torch.ones(7), x)  # fails: False
+
+
+@pytest.mark.parametrize(
+    "name", ["conv4-stride", "conv4-maxpool", "conv4-cpu-kernels", "resnet12", "mlp"]
+)
+def test_native_models_are_exact_under_vmap(gen, name):
+    """What ``exact_under_vmap`` finds for metafunc's own models (MAML then batches their
+    tasks' shared first step under vmap on the 'threads' strategy) holds: a second-order inner
     loop's gradient under vmap equals the per-task loop's, in float64."""
 
     model, x = {
         "conv4-stride": (conv4(3, hidden=6), torch.randn(3, 6, 1, 28, 28, generator=gen)),
+        "conv4-cpu-kernels": (
+            conv4(3, hidden=6, kernels="cpu"),
+            torch.randn(3, 6, 1, 28, 28, generator=gen),
+        ),
         "conv4-maxpool": (
             conv4(3, in_channels=3, hidden=6, pooling="maxpool", image_size=32),
             torch.randn(3, 6, 3, 32, 32, generator=gen),
@@ -309,7 +333,7 @@ def test_native_models_are_vmap_exact(gen, name):
         ),
         "mlp": (mlp((5, 8, 3)), torch.randn(3, 6, 5, generator=gen)),
     }[name]
-    assert model.vmap_exact
     params = model.init(gen, dtype=torch.float64)
+    assert exact_under_vmap(model.apply, params, x[:2].double())
     errors = second_order_vmap_errors(model, params, x.double(), ("vmap",))
     assert max(errors.values()) <= 1e-10

@@ -52,7 +52,7 @@ PEERS_PYTHON = _REPO / ".peers-venv" / "bin" / "python"
 PEER_IMPLS = ("plain", "funcvmap", "learn2learn", "higher", "torchopt", "torchopt-metasgd")
 #: What a run compares unless ``--impls`` says otherwise: the reference, metafunc's default and
 #: its per-task loop, then every peer.
-DEFAULT_IMPLS = ("plain", "metafunc", "metafunc-loop", *PEER_IMPLS[1:])
+DEFAULT_IMPLS = ("plain", "metafunc", "metafunc-threads", *PEER_IMPLS[1:])
 
 
 def prepare(spec: Spec, workdir: str | Path, seed: int = 0) -> Spec:

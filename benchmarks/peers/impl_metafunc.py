@@ -27,7 +27,8 @@ from benchmarks.peers.spec import Spec
 
 DESCRIPTION = (
     "metafunc.MAML(conv4): torch.func.grad inner loop, tasks through metafunc.task_map with the "
-    "named strategy (auto = threads on CPU, vmap on CUDA); meta-gradient by torch.func.grad"
+    "named strategy (auto = loop for convolutional work on CPU, vmap on CUDA); meta-gradient by "
+    "torch.func.grad"
 )
 STRATEGIES = {
     "metafunc": "auto",

@@ -26,6 +26,7 @@ from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
 from metafunc.strategies import (
     STRATEGIES,
+    exact_under_vmap,
     mapper,
     seeded,
     strategy_candidates,
@@ -214,7 +215,7 @@ def _static(batch: TaskBatch) -> TaskBatch:
 
 
 _ENTRY = threading.local()  # .depth: public entry points open on this thread
-_CONVOLUTIONAL: dict[Any, bool] = {}  # Algorithm.convolutional, by model and input shape
+_MODEL_FACTS: dict[Any, bool] = {}  # Algorithm.convolutional, .exact_under_vmap, by input shape
 _ENTRY_POINTS = ("meta_loss", "meta_grad", "adapt_and_predict", "evaluate")
 
 
@@ -410,12 +411,12 @@ class Algorithm:
         signature and gradients as :meth:`meta_grad` up to rounding (tested in float64).
 
         The graph covers as many tasks as the algorithm's strategy handles at once: one task for
-        ``'loop'`` (the CPU's ``'auto'``) and ``'threads'``, ``chunk_size`` for ``'chunked'``, the
-        whole meta-batch for ``'vmap'`` (CUDA's ``'auto'``). A larger meta-batch is split into
-        such pieces, each run in turn through the same compiled graph (on the calling thread,
-        also under ``'threads'``), and the results averaged by task count (every algorithm's
-        meta-loss is a mean over tasks), so compile time does not grow with the meta-batch and
-        one task's graph is in memory at a time.
+        ``'loop'`` (the CPU's ``'auto'`` for convolutions) and ``'threads'``, ``chunk_size`` for
+        ``'chunked'``, the whole meta-batch for ``'vmap'`` (CUDA's ``'auto'``). A larger
+        meta-batch is split into such pieces, each run in turn through the same compiled graph
+        (on the calling thread, also under ``'threads'``), and the results averaged by task
+        count (every algorithm's meta-loss is a mean over tasks), so compile time does not grow
+        with the meta-batch and one task's graph is in memory at a time.
 
         The first call traces and compiles (seconds to a minute); a new piece shape, dtype,
         device or, for algorithms that anneal, phase of ``iteration`` compiles again.
@@ -483,13 +484,38 @@ class Algorithm:
         x = batch.support_x
         if self.strategy != "auto" or x.device.type != "cpu" or x.dim() < 2:
             return True
-        key = (self.model.apply, tuple(x.shape[2:]), x.dtype)
-        found = _CONVOLUTIONAL.get(key)
+        return self._model_fact(
+            "convolves", x, lambda p: uses_convolutions(self.model.apply, p, x[0]), failed=True
+        )
+
+    def exact_under_vmap(self, batch: TaskBatch) -> bool:
+        """Whether the model, mapped over ``batch``'s tasks by ``vmap``, computes what the
+        per-task loop does (:func:`metafunc.strategies.exact_under_vmap`): what lets an
+        algorithm batch work under ``vmap`` that its strategy would have run per task
+        (``MAML.shared_first_step``). Found once per model and input shape, on two tasks'
+        support inputs."""
+        x = batch.support_x[:2]
+        return self._model_fact(
+            "exact", x, lambda p: exact_under_vmap(self.model.apply, p, x), failed=False
+        )
+
+    def _model_fact(
+        self, what: str, x: torch.Tensor, find: Callable[[Any], bool], *, failed: bool
+    ) -> bool:
+        """``find(params)`` for parameters from the model's ``init`` in ``x``'s dtype and on its
+        device, cached by model (its ``init`` and ``apply``) and input shape; ``failed`` where
+        ``init`` cannot make them."""
+        model = self.model
+        key = (what, model.init, model.apply, tuple(x.shape[2:]), x.dtype, x.device.type)
+        found = _MODEL_FACTS.get(key)
         if found is None:
-            if len(_CONVOLUTIONAL) > 256:
-                _CONVOLUTIONAL.clear()
-            params = self.model.init(dtype=x.dtype)
-            found = _CONVOLUTIONAL[key] = uses_convolutions(self.model.apply, params, x[0])
+            if len(_MODEL_FACTS) > 256:
+                _MODEL_FACTS.clear()
+            try:
+                params = mt.map(lambda t: t.to(x.device), model.init(dtype=x.dtype))
+            except Exception:
+                return failed
+            found = _MODEL_FACTS[key] = find(params)
         return found
 
     def _by_pieces(

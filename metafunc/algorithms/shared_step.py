@@ -53,12 +53,14 @@ def shares_first_step(alg: MAML, meta_params: Any, batch: TaskBatch) -> bool:
 
     ``shared_first_step=None`` (the default) shares where it pays and memory was already
     traded for speed: under ``'threads'``, for a one-step inner loop on support sets of at
-    most :data:`SHARED_STEP_MAX_SUPPORT` examples per task, for a model known to be exact
-    under ``vmap`` (``Model.vmap_exact``: metafunc's own models, not
-    :func:`~metafunc.models.from_module`'s, whose custom layers may not be, so that ``'loop'``
-    stays the safe reference for them). Not under ``'loop'`` (the CPU's ``'auto'`` for
-    convolutional work), which holds one task's graph at a time: the shared step would hold
-    a chunk's second-order support graph beside it (HISTORY "One task's graph at a time").
+    most :data:`SHARED_STEP_MAX_SUPPORT` examples per task, for a model exact under ``vmap``
+    (:meth:`~metafunc.algorithms.Algorithm.exact_under_vmap`: no ``F.batch_norm``,
+    ``F.layer_norm`` or random draw, as in metafunc's own models; a
+    :func:`~metafunc.models.from_module` model with dropout, or with a custom layer that calls
+    torch's batch or layer norm itself, runs its tasks' steps alone). Not under ``'loop'``
+    (the CPU's ``'auto'`` for convolutional work), which holds one task's graph at a time:
+    the shared step would hold a chunk's second-order support graph beside it (HISTORY "One
+    task's graph at a time").
     ``True`` shares on both per-task strategies for any model; ``False`` never. ``'vmap'`` and
     ``'chunked'`` share the first step anyway.
 
@@ -87,8 +89,8 @@ def shares_first_step(alg: MAML, meta_params: Any, batch: TaskBatch) -> bool:
         return (
             rest == "threads"
             and alg.inner_steps == 1
-            and alg.model.vmap_exact
             and support <= SHARED_STEP_MAX_SUPPORT
+            and alg.exact_under_vmap(batch)
         )
     return rest in ("loop", "threads")
 

@@ -129,12 +129,13 @@ class Config:
     at 0.01, K=10, meta-batch 25, Adam 1e-3), shortened to 5,000 iterations, evaluated 5-shot.
 
     ``threads``: torch intra-op threads (``None``: 1 for the sinusoid's tiny network, where more
-    threads only add overhead, else torch's default); under ``strategy='threads'`` (the CPU's
-    ``'auto'``) this many tasks run at once, each on one thread. ``inner_checkpoint``: gradient
-    checkpointing across inner steps (MAML, FOMAML, Meta-SGD): memory flat in ``inner_steps``,
-    the same gradient. Algorithm-specific keys (ignored by the others): ``train_ways``
-    (ProtoNets' training ways, default ``ways``), ``inner_optimizer`` (``'sgd'``/``'adam'``:
-    Reptile, iMAML, baseline), ``anneal`` (Reptile's linear ε annealing; ε is ``outer_lr``),
+    threads only add overhead, else torch's default); under ``strategy='threads'`` (which
+    ``--strategy auto`` may pick on the CPU) this many tasks run at once, each on one thread.
+    ``inner_checkpoint``: gradient checkpointing across inner steps (MAML, FOMAML, Meta-SGD):
+    memory flat in ``inner_steps``, the same gradient. Algorithm-specific keys (ignored by the
+    others): ``train_ways`` (ProtoNets' training ways, default ``ways``), ``inner_optimizer``
+    (``'sgd'``/``'adam'``: Reptile, iMAML, baseline), ``anneal`` (Reptile's linear ε
+    annealing; ε is ``outer_lr``),
     ``lam`` and ``cg_steps`` (iMAML), ``finetune`` (baseline: ``'head'`` or ``'all'``),
     ``weights`` (baseline: a pretrained backbone file), ``batch_size`` (baseline classification:
     images per pretraining step; an iteration is one such batch). ``rotate_test``: Omniglot test

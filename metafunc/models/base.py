@@ -60,11 +60,6 @@ class Model:
             fine-tune baseline use it.
         head: the path prefix of the linear head (``'head'``), or ``None``.
         name: a short description, for logs.
-        vmap_exact: whether ``apply`` is known to give exact (second-order) gradients under
-            ``torch.func.vmap``: true for metafunc's own models (each tested against a per-task
-            loop), false for :func:`from_module` (a custom layer may call ``F.batch_norm`` or
-            draw random numbers). Algorithms only batch work under ``vmap`` that the chosen
-            strategy would not have batched (``MAML.shared_first_step``) when it is true.
     """
 
     init: Callable[..., Params]
@@ -73,7 +68,6 @@ class Model:
     features: Callable[..., torch.Tensor] | None = None
     head: str | None = None
     name: str = "model"
-    vmap_exact: bool = False
 
     def inference(self) -> Model:
         """This model with ``apply``'s ``training`` defaulting to ``False``: dropout off, and

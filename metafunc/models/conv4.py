@@ -130,5 +130,4 @@ def conv4(
         features=features,
         head="head" if num_classes is not None else None,
         name=f"conv4-{hidden}-{pooling}{'-cpu-kernels' if kernels == 'cpu' else ''}",
-        vmap_exact=True,
     )

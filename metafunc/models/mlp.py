@@ -78,5 +78,4 @@ def mlp(
         features=features,
         head="head",
         name=f"mlp{tuple(sizes)}",
-        vmap_exact=True,
     )

@@ -125,5 +125,4 @@ def resnet12(
         head="head" if num_classes is not None else None,
         name=f"resnet12-{'-'.join(map(str, channels))}"
         + ("-cpu-kernels" if kernels == "cpu" else ""),
-        vmap_exact=True,
     )
