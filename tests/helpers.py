@@ -30,12 +30,14 @@ def ref_conv4(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_meta_grad(
-    meta, batch, steps, *, lr, adapt_keys=None, first_order=False, bn=None, weights=None
-):
+    meta, batch, steps, *, lr, adapt_keys=None, first_order=False, bn=None, weights=None,
+    loss_fn=F.cross_entropy,
+):  # fmt: skip
     """An explicit per-task loop: ``steps`` manual SGD steps with
     ``torch.autograd.grad(create_graph=not first_order)``.
 
-    lr(k, name) -> rate; bn(k) -> per-step batch-norm params; weights -> per-step query weights.
+    lr(k, name) -> rate; bn(k) -> per-step batch-norm params; weights -> per-step query weights;
+    loss_fn(logits, labels) -> the support and query loss.
     """
     flat = tree.flatten_with_paths(meta)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in flat.items()}
@@ -51,15 +53,13 @@ def ref_meta_grad(
         keys = adapt_keys or list(fast)
         query_losses = []
         for k in range(steps):
-            loss = F.cross_entropy(forward(fast, k, batch.support_x[t]), batch.support_y[t])
+            loss = loss_fn(forward(fast, k, batch.support_x[t]), batch.support_y[t])
             grads = torch.autograd.grad(loss, [fast[n] for n in keys], create_graph=not first_order)
             fast = {
                 **fast,
                 **{n: fast[n] - lr(leaves, k, n) * g for n, g in zip(keys, grads, strict=True)},
             }
-            query_losses.append(
-                F.cross_entropy(forward(fast, k + 1, batch.query_x[t]), batch.query_y[t])
-            )
+            query_losses.append(loss_fn(forward(fast, k + 1, batch.query_x[t]), batch.query_y[t]))
         if weights is None:
             total = total + query_losses[-1]
         else:

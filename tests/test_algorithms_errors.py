@@ -16,8 +16,13 @@ def test_bad_hyper_parameters():
         MAML(conv4(), inner_lr=-0.1)
     with pytest.raises(ValueError, match=r"MAML\(inner_steps\): must be an int >= 1"):
         MAML(conv4(), inner_steps=0)
-    with pytest.raises(ValueError, match=r"MAML\(loss\)"):
+    with pytest.raises(ValueError, match=r"MAML\(loss\): 'hinge' .* or pass your own loss"):
         MAML(conv4(), loss="hinge")
+    # a callable loss where the algorithm needs a named one: the choices are named
+    with pytest.raises(ValueError, match=r"Baseline\(loss\): .* pass 'cross_entropy' or 'mse'"):
+        Baseline(conv4(), loss=torch.nn.functional.cross_entropy)
+    with pytest.raises(ValueError, match=r"ProtoNet\(loss\)"):
+        ProtoNet(conv4(None), loss=torch.nn.functional.cross_entropy)
     with pytest.raises(ValueError, match=r"MAML\(strategy\)"):
         MAML(conv4(), strategy="processes")
     with pytest.raises(ValueError, match=r"MAML\(trainable\): 'classifier' selects no leaf"):

@@ -10,7 +10,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,7 @@ __all__ = [
     "COMPILE_MODES",
     "LOSSES",
     "Algorithm",
+    "Loss",
     "check_common",
     "evaluate_predictions",
     "loss_fn_of",
@@ -48,11 +49,19 @@ __all__ = [
 ]
 
 LOSSES = ("cross_entropy", "mse")
+_TARGETS: dict[str, Literal["classes", "values"]] = {"cross_entropy": "classes", "mse": "values"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def loss_fn_of(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The task loss: ``'cross_entropy'`` (classification) or ``'mse'`` (regression)."""
+Loss = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""An algorithm's ``loss``: ``'cross_entropy'``, ``'mse'`` or ``loss(preds, targets) -> scalar``."""
+
+
+def loss_fn_of(kind: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task loss: ``'cross_entropy'`` (classification), ``'mse'`` (regression), or the
+    callable itself."""
+    if callable(kind):
+        return kind
     if kind == "cross_entropy":
         return F.cross_entropy
     if kind == "mse":
@@ -60,16 +69,24 @@ def loss_fn_of(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}.")
 
 
-def task_metrics(kind: str, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+def scores_classes(kind: Loss, preds: torch.Tensor, targets: torch.Tensor) -> bool:
+    """Whether ``preds`` are class scores for ``targets`` (so accuracy is a metric):
+    ``'cross_entropy'``, or a callable loss given integer labels and one more axis of scores."""
+    if callable(kind):
+        return not targets.is_floating_point() and preds.dim() == targets.dim() + 1
+    return kind == "cross_entropy"
+
+
+def task_metrics(kind: Loss, preds: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Loss (and accuracy for classification) of one task's predictions, detached."""
     out = {"loss": loss_fn_of(kind)(preds, targets).detach()}
-    if kind == "cross_entropy":
+    if scores_classes(kind, preds, targets):
         out["accuracy"] = (preds.argmax(-1) == targets).to(preds.dtype).mean().detach()
     return out
 
 
 def evaluate_predictions(
-    kind: str, preds: torch.Tensor, targets: torch.Tensor
+    kind: Loss, preds: torch.Tensor, targets: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Per-task, per-step metrics from ``adapt_and_predict`` output.
 
@@ -79,6 +96,12 @@ def evaluate_predictions(
     t, s = preds.shape[:2]
     flat_p = preds.flatten(0, 1)
     flat_y = targets[:, None].expand(t, s, *targets.shape[1:]).flatten(0, 1)
+    if callable(kind):  # one value per task and step, mapped as the loss is written (per task)
+        out = {"loss": torch.func.vmap(kind)(flat_p, flat_y).reshape(t, s)}
+        if scores_classes(kind, preds[0, 0], targets[0]):
+            acc = (flat_p.argmax(-1) == flat_y).to(preds.dtype).reshape(t, s, -1).mean(-1)
+            out["accuracy"] = acc
+        return out
     if kind == "cross_entropy":
         loss = F.cross_entropy(flat_p.transpose(1, -1), flat_y, reduction="none")
         loss = loss.reshape(t, s, -1).mean(-1)
@@ -108,7 +131,7 @@ def check_common(
     name: str,
     *,
     model: object,
-    loss: str,
+    loss: Loss,
     strategy: str,
     chunk_size: int | None,
     randomness: str,
@@ -116,10 +139,10 @@ def check_common(
     """The checks of every algorithm's constructor: the model, the loss and the task-parallel
     switch (``strategy``, ``chunk_size``, ``randomness``)."""
     check_model(name, model)
-    if loss not in LOSSES:
+    if not callable(loss) and loss not in LOSSES:
         raise ValueError(
             f"{name}(loss): {loss!r} is not one of {LOSSES}: 'cross_entropy' for class labels, "
-            "'mse' for real-valued targets."
+            "'mse' for real-valued targets, or pass your own loss(preds, targets) -> scalar."
         )
     if strategy not in STRATEGIES:
         raise ValueError(f"{name}(strategy): {strategy!r} is not one of {STRATEGIES}.")
@@ -252,7 +275,9 @@ class Algorithm:
 
     - ``model: metafunc.Model`` (a field; an ``nn.Module`` is refused with the fix,
       :func:`metafunc.from_module`) and ``loss``: ``'cross_entropy'`` (class labels, int64 in
-      ``[0, ways)``) or ``'mse'`` (floating targets);
+      ``[0, ways)``), ``'mse'`` (floating targets) or your own ``loss(preds, targets) ->
+      scalar`` for one task (accuracy is reported too when its targets are integer labels and
+      its predictions class scores);
     - ``meta_loss(meta_params, batch, *, iteration=0) -> (loss, metrics)``: a scalar loss,
       differentiable with respect to ``meta_params``, the mean over the batch's tasks; ``metrics``
       a dict of detached scalars (``'loss'``; ``'accuracy'`` for classification);
@@ -288,7 +313,7 @@ class Algorithm:
     """
 
     model: Model
-    loss: str = "cross_entropy"
+    loss: Loss = "cross_entropy"
     # the task-parallel switch: dataclass fields in every algorithm of this package; a subclass
     # without them maps its tasks (and differentiates its meta-loss) all at once
     strategy: str = "vmap"
@@ -341,11 +366,17 @@ class Algorithm:
         check_batch(
             batch,
             call=f"{call}(meta_params, batch)",
-            targets={"cross_entropy": "classes", "mse": "values"}.get(self.loss),  # type: ignore[arg-type]
+            targets=None if callable(self.loss) else _TARGETS.get(self.loss),
             ways=lambda: self.num_classes(meta_params, batch),
         )
 
     # -- one task, and the map over tasks ----------------------------------------------------
+
+    def loss_and_metrics(
+        self, preds: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss`` of one task's predictions (differentiable) and their detached metrics."""
+        return loss_fn_of(self.loss)(preds, targets), task_metrics(self.loss, preds, targets)
 
     def support_loss(self, params: Any, task: TaskBatch) -> torch.Tensor:
         return loss_fn_of(self.loss)(self.model.apply(params, task.support_x), task.support_y)

@@ -140,6 +140,11 @@ class Baseline(Algorithm):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if callable(self.loss):
+            raise ValueError(
+                f"{name}(loss): the baseline pretrains a classifier or a regressor by the loss's "
+                "name; pass 'cross_entropy' or 'mse'."
+            )
         classify = self.loss == "cross_entropy"
         if self.finetune is None:
             object.__setattr__(self, "finetune", "head" if classify else "all")

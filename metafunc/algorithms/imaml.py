@@ -19,6 +19,7 @@ from metafunc.algorithms._common import (
 )
 from metafunc.algorithms.base import (
     Algorithm,
+    Loss,
     check_lr,
     check_steps,
     loss_fn_of,
@@ -68,7 +69,7 @@ class IMAML(Algorithm):
     cg_tol: float = 1e-10
     regu_coef: float = 0.0
     lam_damping: float = 0.0
-    loss: str = "cross_entropy"
+    loss: Loss = "cross_entropy"
     strategy: str = "auto"
     chunk_size: int | None = None
     randomness: str = "different"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc.algorithms import checkpointed, shared_step
 from metafunc.algorithms._common import task_means
-from metafunc.algorithms.base import Algorithm, check_lr, check_steps, loss_fn_of, task_metrics
+from metafunc.algorithms.base import Algorithm, Loss, check_lr, check_steps, loss_fn_of
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
 from metafunc.models.base import Model
@@ -43,7 +43,7 @@ class MAML(Algorithm):
     inner_lr: float = 0.4
     inner_steps: int = 1
     first_order: bool = False
-    loss: str = "cross_entropy"
+    loss: Loss = "cross_entropy"
     trainable: mt.PathFilter | None = None
     strategy: str = "auto"
     chunk_size: int | None = None
@@ -113,10 +113,7 @@ class MAML(Algorithm):
         self, adapted: Any, task: TaskBatch
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The query loss and metrics of adapted parameters."""
-        preds = self.predict(adapted, task)
-        return loss_fn_of(self.loss)(preds, task.query_y), task_metrics(
-            self.loss, preds, task.query_y
-        )
+        return self.loss_and_metrics(self.predict(adapted, task), task.query_y)
 
     # -- the meta-batch ----------------------------------------------------------------------
 
@@ -233,10 +230,7 @@ class ANIL(MAML):
             meta_params, self.inner_steps, first_order=self.first_order_at(iteration)
         )
         adapted, _ = inner(head, feats)
-        preds = self._head_apply(adapted, feats.query_x)
-        return loss_fn_of(self.loss)(preds, task.query_y), task_metrics(
-            self.loss, preds, task.query_y
-        )
+        return self.loss_and_metrics(self._head_apply(adapted, feats.query_x), task.query_y)
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps("ANIL.adapt_and_predict", "steps", steps, minimum=0)

@@ -16,6 +16,7 @@ from metafunc.algorithms._common import (
 )
 from metafunc.algorithms.base import (
     Algorithm,
+    Loss,
     check_lr,
     check_steps,
     task_metrics,
@@ -55,7 +56,7 @@ class Reptile(Algorithm):
     inner_optimizer: str = "sgd"
     inner_b1: float = 0.0
     anneal: bool = False
-    loss: str = "cross_entropy"
+    loss: Loss = "cross_entropy"
     strategy: str = "auto"
     chunk_size: int | None = None
     randomness: str = "different"
