@@ -292,6 +292,12 @@ def second_order_vmap_errors(model, params, x, strategies):
     )
 
 
+def test_a_models_inference_twin_is_made_once():
+    model = conv4(3, hidden=4)
+    assert model.inference() is model.inference()
+    assert model.inference().apply.keywords == {"training": False}
+
+
 def test_exact_under_vmap_refuses_torch_norms_and_random_draws(gen):
     """``F.batch_norm`` / ``F.layer_norm`` called directly (wrong second-order gradients under
     vmap on this torch) or ``nn.Dropout`` (a draw vmap cannot split into the loop's per-task

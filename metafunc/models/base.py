@@ -72,8 +72,14 @@ class Model:
     def inference(self) -> Model:
         """This model with ``apply``'s ``training`` defaulting to ``False``: dropout off, and
         batch norm with running statistics where a state is given (without one, each batch's
-        own statistics, as in training). ``Algorithm.evaluate`` evaluates with it."""
-        return dataclasses.replace(self, apply=functools.partial(self.apply, training=False))
+        own statistics, as in training). ``Algorithm.evaluate`` evaluates with it. Made once
+        per model, so what algorithms find out about a model by running it (its convolutions,
+        whether ``vmap`` is exact) is found once for its inference twin too."""
+        twin = self.__dict__.get("_inference")
+        if twin is None:
+            twin = dataclasses.replace(self, apply=functools.partial(self.apply, training=False))
+            object.__setattr__(self, "_inference", twin)
+        return twin
 
 
 def conv_init(
