@@ -1,9 +1,7 @@
-"""Helpers shared by the algorithms: the named inner optimizers, hyper-parameter checks, the
-number of ways of a task from static shapes, and the mean of per-task losses and metrics."""
+"""Helpers shared by the algorithms: the named inner optimizers, the number of ways of a task
+from static shapes, and the mean of per-task losses and metrics."""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 
@@ -11,9 +9,6 @@ from metafunc.optim import GradientTransformation, adam, sgd
 
 __all__ = [
     "INNER_OPTIMIZERS",
-    "check_choice",
-    "check_positive",
-    "check_ways_shots",
     "class_one_hot",
     "make_inner_optimizer",
     "task_means",
@@ -30,17 +25,6 @@ def task_means(
     return losses.mean(), {k: v.mean() for k, v in metrics.items()}
 
 
-def check_choice(name: str, arg: str, value: object, choices: Sequence[object]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}({arg}): {value!r} is not one of {tuple(choices)}.")
-
-
-def check_positive(name: str, arg: str, value: float, fix: str = "") -> None:
-    """``value`` must be a real number > 0 (not a bool, not NaN)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ValueError(f"{name}({arg}): must be a float > 0, got {value!r}.{fix}")
-
-
 def make_inner_optimizer(
     kind: str, lr: float, *, momentum: float = 0.0, b1: float = 0.9
 ) -> GradientTransformation:
@@ -48,22 +32,6 @@ def make_inner_optimizer(
     if kind == "sgd":
         return sgd(lr, momentum)
     return adam(lr, b1)
-
-
-def check_ways_shots(name: str, ways: int | None, shots: int | None) -> None:
-    """At least one of ``ways`` and ``shots`` is a positive int (the other may be ``None``)."""
-    for arg, value in (("ways", ways), ("shots", shots)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{name}({arg}): must be a positive int or None, got {value!r}.")
-        if value is not None and value < 1:
-            raise ValueError(f"{name}({arg}): must be a positive int or None, got {value!r}.")
-    if ways is None and shots is None:
-        raise ValueError(
-            f"{name}(ways, shots): the number of classes of a task must be known from shapes "
-            f"alone (no .unique() under vmap). Pass shots (ways = support size / shots, so one "
-            f"instance trains 60-way and tests 5-way), e.g. {name}(model, shots=5), or a fixed "
-            f"ways, e.g. {name}(model, ways=5)."
-        )
 
 
 def ways_of(call: str, ways: int | None, shots: int | None, support_size: int) -> int:

@@ -14,11 +14,10 @@ from typing import Any, ClassVar, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from metafunc import tree as mt
-from metafunc._random import check_randomness
 from metafunc._threads import on_worker, run_tasks
+from metafunc.algorithms.checks import LOSSES, Loss, check_common
 from metafunc.data.batch import TaskBatch, check_batch, checked_scope
 from metafunc.inner import grad_with_aux
 from metafunc.models.base import Model
@@ -39,22 +38,14 @@ from metafunc.strategies import (
 
 __all__ = [
     "COMPILE_MODES",
-    "LOSSES",
     "Algorithm",
-    "Loss",
-    "check_common",
     "evaluate_predictions",
     "loss_fn_of",
     "tune_strategy",
 ]
 
-LOSSES = ("cross_entropy", "mse")
 _TARGETS: dict[str, Literal["classes", "values"]] = {"cross_entropy": "classes", "mse": "values"}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-
-
-Loss = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""An algorithm's ``loss``: ``'cross_entropy'``, ``'mse'`` or ``loss(preds, targets) -> scalar``."""
 
 
 def loss_fn_of(kind: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -109,56 +100,6 @@ def evaluate_predictions(
         return {"loss": loss, "accuracy": acc}
     loss = F.mse_loss(flat_p, flat_y, reduction="none").reshape(t, s, -1).mean(-1)
     return {"loss": loss}
-
-
-def check_model(name: str, model: object) -> None:
-    """``model`` is a :class:`metafunc.Model`; an ``nn.Module`` is named with the fix."""
-    if isinstance(model, Model):
-        return
-    if isinstance(model, nn.Module):
-        raise TypeError(
-            f"{name}(model): got a torch.nn.Module ({type(model).__name__}); algorithms take a "
-            "metafunc.Model, a pair of pure functions over a parameter tree. Wrap it: "
-            f"{name}(metafunc.from_module(module), ...)."
-        )
-    raise TypeError(
-        f"{name}(model): got a {type(model).__qualname__}; pass a metafunc.Model, e.g. "
-        "metafunc.conv4(5), metafunc.mlp() or metafunc.from_module(module)."
-    )
-
-
-def check_common(
-    name: str,
-    *,
-    model: object,
-    loss: Loss,
-    strategy: str,
-    chunk_size: int | None,
-    randomness: str,
-) -> None:
-    """The checks of every algorithm's constructor: the model, the loss and the task-parallel
-    switch (``strategy``, ``chunk_size``, ``randomness``)."""
-    check_model(name, model)
-    if not callable(loss) and loss not in LOSSES:
-        raise ValueError(
-            f"{name}(loss): {loss!r} is not one of {LOSSES}: 'cross_entropy' for class labels, "
-            "'mse' for real-valued targets, or pass your own loss(preds, targets) -> scalar."
-        )
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{name}(strategy): {strategy!r} is not one of {STRATEGIES}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"{name}(chunk_size): must be >= 1 or None, got {chunk_size!r}.")
-    check_randomness(f"{name}(randomness)", randomness)
-
-
-def check_lr(name: str, arg: str, value: float) -> None:
-    if not isinstance(value, int | float) or value < 0 or value != value:
-        raise ValueError(f"{name}({arg}): must be a float >= 0, got {value!r}.")
-
-
-def check_steps(name: str, arg: str, value: int, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}({arg}): must be an int >= {minimum}, got {value!r}.")
 
 
 def gradient(

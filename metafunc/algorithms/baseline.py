@@ -13,21 +13,13 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc.algorithms._common import (
     INNER_OPTIMIZERS,
-    check_choice,
-    check_ways_shots,
     class_one_hot,
     make_inner_optimizer,
     task_means,
     ways_of,
 )
-from metafunc.algorithms.base import (
-    Algorithm,
-    check_lr,
-    check_steps,
-    gradient,
-    loss_fn_of,
-    task_metrics,
-)
+from metafunc.algorithms.base import Algorithm, gradient, loss_fn_of, task_metrics
+from metafunc.algorithms.checks import check_choice, check_lr, check_steps, check_ways_shots
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
 from metafunc.models.base import Model, default_generator, linear_init

@@ -17,7 +17,7 @@ import torch
 
 from metafunc import linalg
 from metafunc.algorithms._common import class_one_hot, ways_of
-from metafunc.algorithms.base import check_lr, check_steps
+from metafunc.algorithms.checks import check_lr, check_steps
 from metafunc.algorithms.protonets import ProtoNet
 from metafunc.data.batch import TaskBatch
 from metafunc.implicit import custom_fixed_point

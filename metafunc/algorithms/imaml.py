@@ -10,21 +10,9 @@ import torch
 
 from metafunc import linalg
 from metafunc import tree as mt
-from metafunc.algorithms._common import (
-    INNER_OPTIMIZERS,
-    check_choice,
-    check_positive,
-    make_inner_optimizer,
-    task_means,
-)
-from metafunc.algorithms.base import (
-    Algorithm,
-    Loss,
-    check_lr,
-    check_steps,
-    loss_fn_of,
-    task_metrics,
-)
+from metafunc.algorithms._common import INNER_OPTIMIZERS, make_inner_optimizer, task_means
+from metafunc.algorithms.base import Algorithm, loss_fn_of, task_metrics
+from metafunc.algorithms.checks import Loss, check_choice, check_lr, check_positive, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.implicit import custom_root
 from metafunc.inner import adapt, grad_with_aux

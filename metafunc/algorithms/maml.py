@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from metafunc import tree as mt
 from metafunc.algorithms import checkpointed, shared_step
 from metafunc.algorithms._common import task_means
-from metafunc.algorithms.base import Algorithm, Loss, check_lr, check_steps, loss_fn_of
+from metafunc.algorithms.base import Algorithm, loss_fn_of
+from metafunc.algorithms.checks import Loss, check_lr, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
 from metafunc.models.base import Model

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from metafunc.algorithms.base import check_steps, loss_fn_of, task_metrics
+from metafunc.algorithms.base import loss_fn_of, task_metrics
+from metafunc.algorithms.checks import check_steps
 from metafunc.algorithms.maml import MAML
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt

@@ -8,13 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from metafunc.algorithms._common import check_ways_shots, class_one_hot, task_means, ways_of
-from metafunc.algorithms.base import (
-    Algorithm,
-    check_lr,
-    check_steps,
-    task_metrics,
-)
+from metafunc.algorithms._common import class_one_hot, task_means, ways_of
+from metafunc.algorithms.base import Algorithm, task_metrics
+from metafunc.algorithms.checks import check_lr, check_steps, check_ways_shots
 from metafunc.data.batch import TaskBatch
 from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules

@@ -8,19 +8,9 @@ from typing import Any
 import torch
 
 from metafunc import tree as mt
-from metafunc.algorithms._common import (
-    INNER_OPTIMIZERS,
-    check_choice,
-    make_inner_optimizer,
-    task_means,
-)
-from metafunc.algorithms.base import (
-    Algorithm,
-    Loss,
-    check_lr,
-    check_steps,
-    task_metrics,
-)
+from metafunc.algorithms._common import INNER_OPTIMIZERS, make_inner_optimizer, task_means
+from metafunc.algorithms.base import Algorithm, task_metrics
+from metafunc.algorithms.checks import Loss, check_choice, check_lr, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
 from metafunc.models.base import Model
