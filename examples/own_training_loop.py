@@ -27,10 +27,9 @@ def main() -> None:
     context = mfd.init_from_env()  # None outside torchrun: one process
     try:
         train(tiny=args.tiny)
-    except BaseException:
-        mfd.shutdown(context, together=False)  # a failed peer may never reach a barrier
-        raise
-    mfd.shutdown(context)  # all ranks together; nothing outside torchrun
+        mfd.shutdown(context)  # all ranks together; nothing outside torchrun
+    finally:  # on an error, without waiting for peers that may never come (else a no-op)
+        mfd.shutdown(context, together=False)
 
 
 def train(*, tiny: bool) -> None:

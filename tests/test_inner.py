@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ref_conv4
 
 from metafunc import (
     TaskBatch,
@@ -39,14 +40,6 @@ STRATEGY_KW = {
 # An independent reference: conv4 written with F.conv2d/F.batch_norm (plain autograd, no vmap),
 # and MAML's meta-gradient as an explicit per-task torch.autograd.grad(create_graph=True) loop.
 # ---------------------------------------------------------------------------------------------
-
-
-def ref_conv4(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    for i in range(4):
-        x = F.conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=2, padding=1)
-        x = F.batch_norm(x, None, None, p[f"bn{i}.weight"], p[f"bn{i}.bias"], training=True)
-        x = F.relu(x)
-    return F.linear(x.mean(dim=(2, 3)), p["head.weight"], p["head.bias"])
 
 
 def ref_meta_grad(forward, params, batch, lr, steps, *, first_order=False, adapt_keys=None):

@@ -633,15 +633,12 @@ def train(
     meta-parameters and optimizer state.
     """
     ctx = mdist.init_from_env()
-    ended = False
     try:
         result = _train(cfg, Path(run_dir), resume=resume, quiet=quiet, ctx=ctx)
         mdist.shutdown(ctx)  # every rank together
-        ended = True
         return result
-    finally:  # also on errors: a process group left alive can abort the interpreter at exit
-        if not ended:
-            mdist.shutdown(ctx, together=False)
+    finally:  # also on errors (a group left alive can abort the interpreter at exit); after the
+        mdist.shutdown(ctx, together=False)  # shutdown above the group is gone: a no-op
 
 
 def _train(
