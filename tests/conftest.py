@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded generators, float64 defaults for gradient tests, the shared data root."""
+"""Shared fixtures: seeded generators, intra-op threads, the device a test runs on, the shared data
+root."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def two_intra_op_threads() -> Iterator[None]:
 def gen() -> torch.Generator:
     """A fresh CPU generator with a fixed seed, so every test is reproducible."""
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request: pytest.FixtureRequest) -> str:
+    """The device a test runs on: ``'cpu'``, then ``'cuda'`` (marked ``gpu``, so ``-m gpu``
+    selects it), which skips with a reason where CUDA is not available. A test builds its data
+    and parameters on the CPU and moves them with ``helpers.to(device, ...)``; its references
+    stay on the CPU."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA: torch.cuda.is_available() is False")
+    return request.param
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from helpers import LR, ref_meta_grad, sine_mlp, sine_tasks
+from helpers import LR, sine_mlp, sine_tasks
+from references import ref_meta_grad
 
 from metafunc import TaskBatch, conv4, tree
 from metafunc.algorithms import MAML, MetaSGD, Reptile

@@ -5,8 +5,8 @@ implicit solve, a sequential Reptile), for the strategies a GPU runs (``'auto'``
 compiled meta-gradient and a short training run on CUDA.
 
 Every comparison runs on the CPU too, where it is quick, so each test's own logic is checked on
-every machine; the CUDA cases are marked ``gpu`` and skipped without CUDA (``pytest -m gpu`` on
-a lent GPU runs them: ``benchmarks/gpu.sh``).
+every machine (the ``device`` fixture of ``conftest.py``); the CUDA cases are marked ``gpu`` and
+skipped without CUDA (``pytest -m gpu`` on a lent GPU runs them: ``benchmarks/gpu.sh``).
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import json
 
 import pytest
 import torch
-from helpers import (
-    LR,
-    class_tasks,
-    distinct_rates,
+from helpers import LR, class_tasks, distinct_rates, to
+from helpers import sine_tasks as sine_tasks_cpu
+from references import (
     mamlpp_case,
     ref_imaml_grad,
     ref_meta_grad,
     ref_protonet_loss,
     ref_reptile_params,
 )
-from helpers import sine_tasks as sine_tasks_cpu
 
 from metafunc import TaskBatch, conv4, mlp, optim, tree
 from metafunc.algorithms import (
@@ -39,15 +37,7 @@ from metafunc.algorithms import (
     Reptile,
 )
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STRATEGIES = ["auto", "chunked", "loop"]
-
-
-def to(device: str, x):  # type: ignore[no-untyped-def]
-    """A tree (or TaskBatch) with every tensor moved to ``device``."""
-    if isinstance(x, TaskBatch):
-        return TaskBatch(*(t.to(device) for t in x))
-    return tree.map(lambda t: t.to(device), x)
 
 
 def rel(a, b) -> float:  # type: ignore[no-untyped-def]
@@ -63,7 +53,6 @@ def images(gen) -> TaskBatch:  # type: ignore[no-untyped-def]
     return class_tasks(gen, tasks=3, ways=3, shots=2, queries=2, shuffle=False)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", ["maml", "fomaml", "metasgd", "anil"])
 def test_maml_family_matches_the_per_task_reference(gen, images, device, strategy, name):
@@ -90,7 +79,6 @@ def test_maml_family_matches_the_per_task_reference(gen, images, device, strateg
     assert 0 <= float(metrics["accuracy"]) <= 1
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_maml_plus_plus_matches_the_reference_with_per_step_batch_norm(gen, images, device):
     iteration = 20
     alg = MAMLPlusPlus(conv4(3, hidden=6), inner_lr=LR, inner_steps=3, msl_iterations=100)
@@ -99,7 +87,6 @@ def test_maml_plus_plus_matches_the_reference_with_per_step_batch_norm(gen, imag
     assert rel(tree.flatten_with_paths(grads), ref) <= 1e-8
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("strategy", ["auto", "loop"])
 def test_imaml_matches_the_dense_implicit_solve(gen, device, strategy):
     alg = IMAML(
@@ -113,7 +100,6 @@ def test_imaml_matches_the_dense_implicit_solve(gen, device, strategy):
     assert rel(grads["params"], ref) <= 1e-6
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_reptile_matches_the_sequential_reference(gen, device):
     alg = Reptile(
         mlp((1, 8, 8, 1), activation="tanh", init="xavier"), inner_lr=0.05, inner_steps=4,
@@ -129,7 +115,6 @@ def test_reptile_matches_the_sequential_reference(gen, device):
     assert max(float((new[k] - ref[k]).abs().max()) for k in ref) <= 1e-10
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_protonet_matches_the_per_task_reference(gen, device):
     alg = ProtoNet(conv4(None, hidden=8), shots=2)
     meta = alg.init(gen, dtype=torch.float64)

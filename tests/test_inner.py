@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ref_conv4
+from references import ref_conv4
 
 from metafunc import (
     TaskBatch,

@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import LR, check, conv_batch, ref_meta_grad, takes_shared_path
+from helpers import LR, conv_batch, takes_shared_path, to, under_transform
+from references import check, ref_meta_grad
 
 from metafunc import conv4, from_module, tree
-from metafunc._transforms import any_transform
 from metafunc.algorithms import MAML, FirstOrderMAML, MetaSGD, shared_step
 from metafunc.algorithms.shared_step import shares_first_step
 
@@ -25,7 +25,9 @@ def batch(gen):
 
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("strategy", ["loop", "threads"])
-def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, steps, monkeypatch):
+def test_maml_shared_first_step_with_frozen_leaves(
+    gen, batch, device, strategy, steps, monkeypatch
+):
     """Only the head adapts: the first step's gradient covers the head, and the frozen body
     still gets the second-order term through it (one step: through the batched update too)."""
     alg = MAML(
@@ -33,10 +35,11 @@ def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, steps, 
         trainable="head", shared_first_step=True,
     )  # fmt: skip
     meta = alg.init(gen, dtype=torch.float64)
-    calls = takes_shared_path(alg, meta, batch, monkeypatch, True)
     ref = ref_meta_grad(
         meta, batch, steps, lr=lambda leaves, k, n: LR, adapt_keys=["head.weight", "head.bias"]
-    )
+    )  # on the CPU: the reference never moves
+    meta, batch = to(device, meta), to(device, batch)
+    calls = takes_shared_path(alg, meta, batch, monkeypatch, True)
     check(alg, meta, batch, ref)
     assert len(calls) == 1 and calls[0] is batch
 
@@ -44,7 +47,7 @@ def test_maml_shared_first_step_with_frozen_leaves(gen, batch, strategy, steps, 
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("strategy", ["loop", "threads"])
 @pytest.mark.parametrize("cls", [MAML, FirstOrderMAML, MetaSGD])
-def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, steps, monkeypatch):
+def test_maml_shared_first_step_in_chunks(gen, batch, device, strategy, cls, steps, monkeypatch):
     """Three tasks in chunks of two (a full chunk and a partial one): the meta-gradient is the
     reference's, and each chunk's first step is computed once (one vmapped support pass per
     chunk, none repeated for the second-order term; with one step, the chunk's update batched
@@ -70,11 +73,11 @@ def test_maml_shared_first_step_in_chunks(gen, batch, strategy, cls, steps, monk
     original = cls.support_loss
 
     def counted(self, params, task):
-        supports.append(any_transform())  # the vmapped first step, or a task's later step
+        supports.append(under_transform())  # the vmapped first step, or a task's later step
         return original(self, params, task)
 
     monkeypatch.setattr(cls, "support_loss", counted)
-    check(alg, meta, batch, ref)
+    check(alg, to(device, meta), to(device, batch), ref)
     later = 3 * (steps - 1)  # the tasks' own support passes, after the shared one
     assert supports.count(True) == 2 and supports.count(False) == later, supports
 

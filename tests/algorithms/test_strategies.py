@@ -9,7 +9,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LR, check, conv_batch, ref_meta_grad, sine_mlp, sine_tasks
+from helpers import LR, conv_batch, sine_mlp, sine_tasks
+from references import check, ref_meta_grad
 
 from metafunc import TaskBatch, conv4, tree
 from metafunc.algorithms import MAML, FirstOrderMAML, ProtoNet

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import class_tasks, rel_err, sine_tasks
+from helpers import class_tasks, sine_tasks
+from references import rel_err
 
 from metafunc import conv4, mlp, optim
 from metafunc.algorithms import ANIL, IMAML, MAML, MetaSGD

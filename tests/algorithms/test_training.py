@@ -1,6 +1,6 @@
-"""Adaptation and meta-training: ``adapt_and_predict``/``evaluate`` shapes and steps, ProtoNet
-training 60-way and evaluating 5-way, and sinusoid meta-training of every gradient-based
-algorithm making adaptation work (slow)."""
+"""Adaptation and meta-training: ``adapt_and_predict``/``evaluate`` shapes and steps, and
+sinusoid meta-training of every gradient-based algorithm making adaptation work (slow).
+ProtoNet's 60-way training is in ``test_protonet.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import conv_batch, sine_mlp, sine_tasks
 
-from metafunc import TaskBatch, conv4, mlp, optim
+from metafunc import conv4, mlp, optim
 from metafunc.algorithms import (
     ANIL,
     IMAML,
@@ -19,7 +19,6 @@ from metafunc.algorithms import (
     FirstOrderMAML,
     MAMLPlusPlus,
     MetaSGD,
-    ProtoNet,
     Reptile,
 )
 
@@ -49,35 +48,6 @@ def test_adapt_and_predict_shapes_and_steps(gen, batch):
             )
     with pytest.raises(ValueError, match="covers 2|cover 2"):
         alg.adapt_and_predict(meta, batch, 3)
-
-
-def test_protonet_trains_60_way_and_evaluates_5_way(gen):
-    """One instance (shots=1) trains on 60-way episodes and evaluates 5-way ones."""
-    alg = ProtoNet(conv4(None, hidden=8, image_size=14), shots=1, strategy="vmap")
-    meta = alg.init(gen)
-    patterns = torch.randn(80, 1, 14, 14, generator=gen)  # one pattern per class
-
-    def episode(ways, classes):
-        x = patterns[classes].repeat_interleave(2, 0) + 0.5 * torch.randn(
-            2 * ways, 1, 14, 14, generator=gen
-        )
-        y = torch.arange(ways).repeat_interleave(2)
-        return TaskBatch(x[0::2][None], y[0::2][None], x[1::2][None], y[1::2][None])
-
-    opt = alg.outer_optimizer(1e-2, 20)
-    state = opt.init(meta)
-    losses = []
-    for _ in range(10):
-        grads, loss, _ = alg.meta_grad(meta, episode(60, torch.randperm(60, generator=gen)))
-        updates, state = opt.update(grads, state, meta)
-        meta = optim.apply_updates(meta, updates)
-        losses.append(float(loss))
-    assert losses[-1] < losses[0]
-    test = episode(5, 60 + torch.randperm(20, generator=gen)[:5])  # unseen classes
-    preds = alg.adapt_and_predict(meta, test, steps=2)
-    assert preds.shape == (1, 3, 5, 5)
-    assert torch.equal(preds[:, 0], preds[:, 2])
-    assert float(alg.evaluate(meta, test, steps=0)["accuracy"].mean()) >= 0.8
 
 
 @pytest.mark.slow
