@@ -26,7 +26,6 @@ from metafunc.algorithms import Algorithm
 class LayerLR(Algorithm):
     """MAML whose inner SGD step uses one meta-learned rate per parameter tensor."""
 
-    model: mf.Model
     inner_lr: float = 0.01  # every layer's rate at initialisation
     inner_steps: int = 1
     loss: str = "mse"

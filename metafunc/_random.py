@@ -21,15 +21,24 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["RANDOMNESS", "check_randomness", "in_task_stream", "mark_worker", "task_seeds"]
+__all__ = [
+    "RANDOMNESS",
+    "Randomness",
+    "check_randomness",
+    "in_task_stream",
+    "mark_worker",
+    "task_seeds",
+]
 
-RANDOMNESS: tuple[str, ...] = ("different", "same", "error")
+Randomness = Literal["different", "same", "error"]
+"""How random draws differ across the tasks a call maps (:func:`metafunc.task_map`)."""
+RANDOMNESS: tuple[str, ...] = get_args(Randomness)
 _PHI = 0x9E3779B97F4A7C15  # odd 64-bit constant: task seeds spread over the seed space
 _MASK = (1 << 63) - 1
 

@@ -294,10 +294,10 @@ def compile_step(
             )
         if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
             raise ValueError(f"{call}: with a sampler, meta_batch must be an int >= 1.")
-    if mode is not None and algorithm.not_compilable:
+    if mode is not None and algorithm.not_compilable():
         raise ValueError(
             f"{call}: {type(algorithm).__name__} cannot be compiled whole yet "
-            f"({algorithm.not_compilable}); pass mode=None for the eager step."
+            f"({algorithm.not_compilable()}); pass mode=None for the eager step."
         )
     return Step(
         algorithm, optimizer, sampler=sampler, meta_batch=meta_batch, mode=mode, backend=backend

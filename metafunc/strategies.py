@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import optree
 import torch
@@ -20,13 +20,15 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from metafunc import tree as mt
-from metafunc._random import RANDOMNESS, check_randomness, in_task_stream, task_seeds
+from metafunc._random import RANDOMNESS, Randomness, check_randomness, in_task_stream, task_seeds
 from metafunc._threads import run_tasks
 from metafunc.data.batch import TaskBatch, check_batch, checked_scope
 
 __all__ = [
     "RANDOMNESS",
     "STRATEGIES",
+    "Randomness",
+    "Strategy",
     "check_strategies",
     "default_strategy",
     "exact_under_vmap",
@@ -41,7 +43,8 @@ __all__ = [
 ]
 
 Strategy = Literal["auto", "vmap", "chunked", "loop", "threads"]
-STRATEGIES: tuple[str, ...] = ("auto", "vmap", "chunked", "loop", "threads")
+"""How :func:`task_map` runs a function over tasks (its docstring says what each does)."""
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
 T = TypeVar("T")
 
 

@@ -10,7 +10,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,8 @@ from metafunc.optim import GradientTransformation, adam, schedules
 from metafunc.optim.schedules import Schedule
 from metafunc.strategies import (
     STRATEGIES,
+    Randomness,
+    Strategy,
     exact_under_vmap,
     mapper,
     seeded,
@@ -206,19 +208,27 @@ def _entry_point(method: Callable[..., Any]) -> Callable[..., Any]:
     return checked
 
 
+@dataclasses.dataclass(frozen=True)
 class Algorithm:
     """The base of every algorithm: what a subclass defines, and what it gets.
 
-    An algorithm is a frozen dataclass built from a model, a loss and hyper-parameters; the README's
-    CAVIA example (``tests/test_readme.py`` runs it) is a complete one in 30 lines.
+    An algorithm is a frozen dataclass (this class is one) built from a model, a loss and
+    hyper-parameters; the README's CAVIA example (``tests/test_readme.py`` runs it) is a complete
+    one in 30 lines.
+
+    **Its fields** (a subclass adds its hyper-parameters after ``model``; all but ``model`` are
+    keyword-only here, and a subclass may redeclare one to change its default)
+
+    - ``model: metafunc.Model`` (an ``nn.Module`` is refused with the fix,
+      :func:`metafunc.from_module`);
+    - ``loss``: ``'cross_entropy'`` (class labels, int64 in ``[0, ways)``), ``'mse'`` (floating
+      targets) or your own ``loss(preds, targets) -> scalar`` for one task (accuracy is reported
+      too when its targets are integer labels and its predictions class scores);
+    - the task-parallel switch: ``strategy`` (:data:`metafunc.strategies.Strategy`, ``'auto'``:
+      :func:`metafunc.default_strategy`), ``chunk_size`` and ``randomness`` (``'different'``).
 
     **A subclass defines**
 
-    - ``model: metafunc.Model`` (a field; an ``nn.Module`` is refused with the fix,
-      :func:`metafunc.from_module`) and ``loss``: ``'cross_entropy'`` (class labels, int64 in
-      ``[0, ways)``), ``'mse'`` (floating targets) or your own ``loss(preds, targets) ->
-      scalar`` for one task (accuracy is reported too when its targets are integer labels and
-      its predictions class scores);
     - ``meta_loss(meta_params, batch, *, iteration=0) -> (loss, metrics)``: a scalar loss,
       differentiable with respect to ``meta_params``, the mean over the batch's tasks; ``metrics``
       a dict of detached scalars (``'loss'``; ``'accuracy'`` for classification);
@@ -227,9 +237,7 @@ class Algorithm:
       classification, values for regression), from one adaptation pass;
     - optionally ``init`` (by default ``{'params': model.init(...)}``), ``meta_grad`` (by
       default the gradient of ``meta_loss``; Reptile and iMAML give their own),
-      ``outer_optimizer``, ``num_classes``, and the task-parallel fields ``strategy``
-      (default ``'vmap'`` here, ``'auto'`` in metafunc's algorithms), ``chunk_size`` and
-      ``randomness`` (``'different'``).
+      ``outer_optimizer`` and ``num_classes``.
 
     **It gets**
 
@@ -254,14 +262,11 @@ class Algorithm:
     """
 
     model: Model
+    _: dataclasses.KW_ONLY
     loss: Loss = "cross_entropy"
-    # the task-parallel switch: dataclass fields in every algorithm of this package; a subclass
-    # without them maps its tasks (and differentiates its meta-loss) all at once
-    strategy: str = "vmap"
+    strategy: Strategy = "auto"
     chunk_size: int | None = None
-    randomness: str = "different"
-    # why compiled_meta_grad cannot trace meta_grad whole ("" where it can)
-    not_compilable: ClassVar[str] = ""
+    randomness: Randomness = "different"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -402,16 +407,10 @@ class Algorithm:
         call = f"{type(self).__name__}.compiled_meta_grad(mode)"
         if mode not in COMPILE_MODES:
             raise ValueError(f"{call}: mode={mode!r} is not one of {', '.join(COMPILE_MODES)}.")
-        if self.not_compilable:
+        if self.not_compilable():
             raise ValueError(
-                f"{call}: {type(self).__name__} cannot be compiled whole yet "
-                f"({self.not_compilable}); use meta_grad."
-            )
-        if getattr(self, "checkpoint", False):  # MAML's field
-            raise ValueError(
-                f"{type(self).__name__}.compiled_meta_grad(): checkpoint=True recomputes inner "
-                "steps in a Python sweep that a compiled graph would keep whole; use one or the "
-                "other (checkpoint=False to compile)."
+                f"{call}: {type(self).__name__} cannot be compiled whole "
+                f"({self.not_compilable()}); use meta_grad."
             )
         # the method itself, not its input-checking wrapper (whose one code object every class
         # shares, so its compiled variants would pile up against dynamo's recompile limit)
@@ -434,6 +433,11 @@ class Algorithm:
 
         return meta_grad
 
+    def not_compilable(self) -> str:
+        """Why :meth:`compiled_meta_grad` (and :func:`metafunc.training_step`'s compiled step)
+        cannot trace this algorithm's ``meta_grad`` whole, with the fix; ``''`` where it can."""
+        return ""
+
     def tasks_per_graph(self, batch: TaskBatch, device: torch.device) -> int:
         """How many of ``batch``'s tasks one gradient graph covers: what the strategy maps at
         once (one task for ``'loop'`` and ``'threads'``, ``chunk_size`` for ``'chunked'``, all
@@ -449,15 +453,20 @@ class Algorithm:
         )
 
     def convolutional(self, batch: TaskBatch) -> bool:
-        """Whether the model convolves inputs shaped like ``batch``'s (what ``'auto'`` decides
-        by on the CPU, :func:`metafunc.default_strategy`): found once per model and input shape
-        by running it on one task's support inputs; only asked for ``strategy='auto'`` on the
-        CPU."""
+        """Whether this algorithm's work on tasks like ``batch``'s convolves (what ``'auto'``
+        decides by on the CPU, :func:`metafunc.default_strategy`): found once per algorithm,
+        model and input shape by running :meth:`adapt_and_predict` without inner steps on one
+        task, from :meth:`init`'s parameters; only asked for ``strategy='auto'`` on the CPU."""
         x = batch.support_x
-        if self.strategy != "auto" or x.device.type != "cpu" or x.dim() < 2:
+        if self.strategy != "auto" or x.device.type != "cpu":
             return True
-        return self._model_fact(
-            "convolves", x, lambda p: uses_convolutions(self.model.apply, p, x[0]), failed=True
+        one = TaskBatch(*(field[:1] for field in batch))
+        return self._fact(
+            "convolves",
+            x,
+            lambda: self.init(dtype=x.dtype, device=x.device),
+            lambda mp: uses_convolutions(self.adapt_and_predict, mp, one, 0),
+            failed=True,
         )
 
     def exact_under_vmap(self, batch: TaskBatch) -> bool:
@@ -467,27 +476,36 @@ class Algorithm:
         (``MAML.shared_first_step``). Found once per model and input shape, on two tasks'
         support inputs."""
         x = batch.support_x[:2]
-        return self._model_fact(
-            "exact", x, lambda p: exact_under_vmap(self.model.apply, p, x), failed=False
+        return self._fact(
+            "exact",
+            x,
+            lambda: mt.map(lambda t: t.to(x.device), self.model.init(dtype=x.dtype)),
+            lambda p: exact_under_vmap(self.model.apply, p, x),
+            failed=False,
         )
 
-    def _model_fact(
-        self, what: str, x: torch.Tensor, find: Callable[[Any], bool], *, failed: bool
+    def _fact(
+        self,
+        what: str,
+        x: torch.Tensor,
+        make: Callable[[], Any],
+        find: Callable[[Any], bool],
+        *,
+        failed: bool,
     ) -> bool:
-        """``find(params)`` for parameters from the model's ``init`` in ``x``'s dtype and on its
-        device, cached by model (its ``init`` and ``apply``) and input shape; ``failed`` where
-        ``init`` cannot make them."""
+        """``find(make())``, cached by algorithm class, model (its ``init`` and ``apply``) and
+        input shape; ``failed`` where ``make`` cannot make the parameters."""
         model = self.model
-        key = (what, model.init, model.apply, tuple(x.shape[2:]), x.dtype, x.device.type)
+        key = (what, type(self), model.init, model.apply, tuple(x.shape[2:]), x.dtype, x.device)
         found = _MODEL_FACTS.get(key)
         if found is None:
             if len(_MODEL_FACTS) > 256:
                 _MODEL_FACTS.clear()
             try:
-                params = mt.map(lambda t: t.to(x.device), model.init(dtype=x.dtype))
+                made = make()
             except Exception:
                 return failed
-            found = _MODEL_FACTS[key] = find(params)
+            found = _MODEL_FACTS[key] = find(made)
         return found
 
     def _by_pieces(
@@ -527,13 +545,8 @@ class Algorithm:
         return evaluate_predictions(self.loss, preds, batch.query_y)
 
     def for_inference(self) -> Algorithm:
-        """This algorithm with its model in inference mode (``dataclasses.replace`` of the
-        ``model`` field with :meth:`metafunc.Model.inference`); itself where it has no such
-        field."""
-        names = {f.name for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else ()
-        if "model" not in names:
-            return self
-        return dataclasses.replace(self, model=self.model.inference())  # type: ignore[type-var]
+        """This algorithm with its model in inference mode (:meth:`metafunc.Model.inference`)."""
+        return dataclasses.replace(self, model=self.model.inference())
 
     def outer_optimizer(self, lr: float, iterations: int) -> GradientTransformation:
         """The paper's outer optimizer: Adam at ``lr`` unless the algorithm says otherwise."""
@@ -582,9 +595,8 @@ def tune_strategy(
     meta-batch of the run's own configuration.
 
     Args:
-        algorithm: an algorithm instance with ``strategy`` and ``chunk_size`` fields (all of
-            :mod:`metafunc.algorithms`), or a per-task function ``fn(meta_params, task)`` as
-            :func:`metafunc.task_map` takes it.
+        algorithm: an :class:`Algorithm` instance, or a per-task function
+            ``fn(meta_params, task)`` as :func:`metafunc.task_map` takes it.
         meta_params, batch: the work to time, e.g. ``algorithm.init(...)`` and one meta-batch
             (a :class:`metafunc.TaskBatch`) already on the device.
         candidates: ``(strategy, chunk_size)`` pairs, the chunk size an int for ``'chunked'``
@@ -607,20 +619,16 @@ def tune_strategy(
             what was recorded).
     """
     call = "tune_strategy(algorithm, meta_params, batch)"
-    names: set[str] = set()
-    if dataclasses.is_dataclass(algorithm) and not isinstance(algorithm, type):
-        names = {f.name for f in dataclasses.fields(algorithm)}
     per_task = callable(algorithm) and not isinstance(algorithm, type | Algorithm)
-    if not per_task and not {"strategy", "chunk_size"} <= names:
+    if not per_task and not isinstance(algorithm, Algorithm):
         what = (
             f"the class {algorithm.__qualname__}"
             if isinstance(algorithm, type)
             else (f"a {type(algorithm).__qualname__}")
         )
         raise TypeError(
-            f"{call}: algorithm is {what}, not an instance with strategy and chunk_size "
-            "fields; pass an algorithm of metafunc.algorithms, e.g. MAML(model, ...), or a "
-            "per-task function fn(meta_params, task)."
+            f"{call}: algorithm is {what}, not an Algorithm instance; pass an algorithm, e.g. "
+            "MAML(model, ...), or a per-task function fn(meta_params, task)."
         )
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"{call}: repeats must be an int >= 1, got {repeats!r}.")
@@ -678,7 +686,9 @@ def tune_strategy(
             candidate: Any = task_map(algorithm, strategy=strategy, chunk_size=size)  # type: ignore[arg-type]
         else:
             chunk = size if strategy == "chunked" else algorithm.chunk_size
-            candidate = dataclasses.replace(algorithm, strategy=strategy, chunk_size=chunk)  # type: ignore[type-var]
+            candidate = dataclasses.replace(
+                algorithm, strategy=cast(Strategy, strategy), chunk_size=chunk
+            )
         alive[strategy_label(strategy, size)] = candidate
     order = list(alive)
     failed: dict[str, str] = {}

@@ -22,7 +22,7 @@ from metafunc.algorithms.base import Algorithm, gradient, loss_fn_of, task_metri
 from metafunc.algorithms.checks import check_choice, check_lr, check_steps, check_ways_shots
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
-from metafunc.models.base import Model, default_generator, linear_init
+from metafunc.models.base import default_generator, linear_init
 
 __all__ = ["Baseline", "load_weights", "pretrain_batch"]
 
@@ -113,10 +113,8 @@ class Baseline(Algorithm):
     batch statistics throughout. ``init(..., weights=path)`` loads pretrained backbone weights.
     """
 
-    model: Model
     num_train_classes: int | None = None
     feature_dim: int | None = None
-    loss: str = "cross_entropy"
     finetune: str | None = None
     inner_optimizer: str | None = None
     inner_lr: float = 0.01
@@ -125,9 +123,6 @@ class Baseline(Algorithm):
     head_init: str = "zeros"
     shots: int | None = None
     ways: int | None = None
-    strategy: str = "auto"
-    chunk_size: int | None = None
-    randomness: str = "different"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,11 +12,10 @@ from metafunc import linalg
 from metafunc import tree as mt
 from metafunc.algorithms._common import INNER_OPTIMIZERS, make_inner_optimizer, task_means
 from metafunc.algorithms.base import Algorithm, loss_fn_of, task_metrics
-from metafunc.algorithms.checks import Loss, check_choice, check_lr, check_positive, check_steps
+from metafunc.algorithms.checks import check_choice, check_lr, check_positive, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.implicit import custom_root
 from metafunc.inner import adapt, grad_with_aux
-from metafunc.models.base import Model
 
 __all__ = ["IMAML"]
 
@@ -48,7 +47,6 @@ class IMAML(Algorithm):
     inner_steps=16, cg_steps=5, regu_coef=1.0, lam_damping=10.0)``, meta-batch 16, outer 1e-2.
     """
 
-    model: Model
     lam: float = 2.0
     inner_lr: float = 0.1
     inner_steps: int = 16
@@ -57,10 +55,6 @@ class IMAML(Algorithm):
     cg_tol: float = 1e-10
     regu_coef: float = 0.0
     lam_damping: float = 0.0
-    loss: Loss = "cross_entropy"
-    strategy: str = "auto"
-    chunk_size: int | None = None
-    randomness: str = "different"
 
     def __post_init__(self) -> None:
         super().__post_init__()

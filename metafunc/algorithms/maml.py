@@ -1,5 +1,5 @@
-"""MAML and the algorithms that differ from it only in what is meta-learned and which leaves adapt:
-first-order MAML, ANIL and Meta-SGD."""
+"""MAML and the algorithms that differ from it only in what is meta-learned: first-order MAML
+and Meta-SGD."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from metafunc import tree as mt
 from metafunc.algorithms import checkpointed, shared_step
 from metafunc.algorithms._common import task_means
 from metafunc.algorithms.base import Algorithm, loss_fn_of
-from metafunc.algorithms.checks import Loss, check_lr, check_steps
+from metafunc.algorithms.checks import check_lr, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
-from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, sgd
 
-__all__ = ["ANIL", "MAML", "FirstOrderMAML", "MetaSGD"]
+__all__ = ["MAML", "FirstOrderMAML", "MetaSGD"]
 
 
 @dataclass(frozen=True)
@@ -40,15 +38,10 @@ class MAML(Algorithm):
     ``None`` (the default) where it pays, ``True`` wherever it applies, ``False`` never.
     """
 
-    model: Model
     inner_lr: float = 0.4
     inner_steps: int = 1
     first_order: bool = False
-    loss: Loss = "cross_entropy"
     trainable: mt.PathFilter | None = None
-    strategy: str = "auto"
-    chunk_size: int | None = None
-    randomness: str = "different"
     checkpoint: bool = False
     shared_first_step: bool | None = None
 
@@ -79,6 +72,9 @@ class MAML(Algorithm):
 
     def first_order_at(self, iteration: int) -> bool:
         return self.first_order
+
+    def not_compilable(self) -> str:
+        return checkpointed.NOT_COMPILABLE if self.checkpoint else ""
 
     # -- one task ----------------------------------------------------------------------------
 
@@ -115,6 +111,18 @@ class MAML(Algorithm):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The query loss and metrics of adapted parameters."""
         return self.loss_and_metrics(self.predict(adapted, task), task.query_y)
+
+    def unrolled(self, task: TaskBatch, iteration: int) -> checkpointed.Unrolled:
+        """This task's inner loop, as ``checkpoint=True`` replays it (:mod:`.checkpointed`)."""
+        return checkpointed.unroll(
+            self.inner_steps,
+            lambda k, params, mp: self.support_loss(params, task),
+            self.inner_optimizer,
+            lambda k, params, mp: self.predict(params, task),
+            lambda preds: loss_fn_of(self.loss)(preds, task.query_y),
+            first_order=self.first_order_at(iteration),
+            trainable=self.trainable,
+        )
 
     # -- the meta-batch ----------------------------------------------------------------------
 
@@ -178,69 +186,3 @@ class MetaSGD(MAML):
 
     def inner_optimizer(self, meta_params: dict[str, Any]) -> GradientTransformation:
         return sgd(meta_params["lr"])
-
-
-@dataclass(frozen=True)
-class ANIL(MAML):
-    """Almost No Inner Loop (Raghu et al., 2019): only the linear head adapts.
-
-    The body runs once per task on support and query; the inner loop adapts the head on those
-    fixed features, so each inner step costs one linear layer. Needs a model with ``features``
-    and ``head`` (conv4, resnet12, mlp). ``trainable`` is the head.
-    """
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model.features is None or self.model.head is None:
-            raise ValueError(
-                f"ANIL(model): {self.model.name} has no separate features/head; use conv4, "
-                "resnet12 or mlp with num_classes set."
-            )
-        object.__setattr__(self, "trainable", self.model.head)
-
-    def _head_task(self, params: dict[str, Any], task: TaskBatch) -> tuple[Any, TaskBatch]:
-        assert self.model.features is not None
-        head, _, _ = mt.partition(params, self.model.head)  # type: ignore[arg-type]
-        feats = TaskBatch(
-            self.model.features(params, task.support_x),
-            task.support_y,
-            self.model.features(params, task.query_x),
-            task.query_y,
-        )
-        return head, feats
-
-    def _head_apply(self, head: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
-        name = self.model.head
-        return F.linear(x, head[f"{name}.weight"], head[f"{name}.bias"])
-
-    def inner_loop(
-        self, meta_params: dict[str, Any], steps: int, *, first_order: bool, observe: Any = None
-    ) -> Any:
-        def loss(head: Any, feats: TaskBatch) -> torch.Tensor:
-            return loss_fn_of(self.loss)(self._head_apply(head, feats.support_x), feats.support_y)
-
-        return adapt(
-            loss, self.inner_optimizer(meta_params), steps, first_order=first_order, observe=observe
-        )
-
-    def task_loss(
-        self, meta_params: dict[str, Any], task: TaskBatch, iteration: int
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        head, feats = self._head_task(meta_params["params"], task)
-        inner = self.inner_loop(
-            meta_params, self.inner_steps, first_order=self.first_order_at(iteration)
-        )
-        adapted, _ = inner(head, feats)
-        return self.loss_and_metrics(self._head_apply(adapted, feats.query_x), task.query_y)
-
-    def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
-        check_steps("ANIL.adapt_and_predict", "steps", steps, minimum=0)
-
-        def one(mp: dict[str, Any], task: TaskBatch) -> torch.Tensor:
-            head, feats = self._head_task(mp["params"], task)
-            inner = self.inner_loop(
-                mp, steps, first_order=True, observe=lambda h, f: self._head_apply(h, f.query_x)
-            )
-            return inner(head, feats)[1]["observed"]
-
-        return self.map_tasks(one)(meta_params, batch)

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from metafunc.algorithms import checkpointed
 from metafunc.algorithms.base import loss_fn_of, task_metrics
 from metafunc.algorithms.checks import check_steps
 from metafunc.algorithms.maml import MAML
@@ -57,6 +58,9 @@ class MAMLPlusPlus(MAML):
       iterations, then second order;
     - **cosine annealing** of the outer learning rate down to ``min_outer_lr``
       (:meth:`outer_optimizer`).
+
+    ``checkpoint=True`` recomputes the inner steps in the backward pass, as MAML's
+    (:meth:`unrolled`): memory flat in ``inner_steps``.
     """
 
     inner_lr: float = 0.1
@@ -158,6 +162,25 @@ class MAMLPlusPlus(MAML):
             self._with_bn(adapted, meta_params.get("bn", {}), self.inner_steps), task.query_x
         )
         return total, task_metrics(self.loss, preds, task.query_y)
+
+    def unrolled(self, task: TaskBatch, iteration: int) -> checkpointed.Unrolled:
+        """This task's inner loop, as ``checkpoint=True`` replays it: step ``k`` with the batch
+        norms of step ``k``, and the meta-loss the MSL-weighted sum of the query losses."""
+        loss = loss_fn_of(self.loss)
+
+        def apply(k: int, params: Any, mp: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+            return self.model.apply(self._with_bn(params, mp.get("bn", {}), k), x)
+
+        weights = msl_weights(self.inner_steps, iteration, self.msl_iterations)
+        return checkpointed.unroll(
+            self.inner_steps,
+            lambda k, p, mp: loss(apply(k, p, mp, task.support_x), task.support_y),
+            self.inner_optimizer,
+            lambda k, p, mp: apply(k, p, mp, task.query_x),
+            lambda preds: loss(preds, task.query_y),
+            first_order=self.first_order_at(iteration),
+            weights=[0.0, *weights.tolist()],
+        )
 
     def adapt_and_predict(self, meta_params: Any, batch: TaskBatch, steps: int) -> torch.Tensor:
         check_steps("MAMLPlusPlus.adapt_and_predict", "steps", steps, minimum=0)

@@ -12,7 +12,6 @@ from metafunc.algorithms._common import class_one_hot, task_means, ways_of
 from metafunc.algorithms.base import Algorithm, task_metrics
 from metafunc.algorithms.checks import check_lr, check_steps, check_ways_shots
 from metafunc.data.batch import TaskBatch
-from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, adam, schedules
 
 __all__ = ["ProtoNet", "prototype_logits"]
@@ -48,14 +47,9 @@ class ProtoNet(Algorithm):
     episodes (:meth:`outer_optimizer`, ``halve_every``; ``None`` keeps it constant).
     """
 
-    model: Model
     shots: int | None = None
     ways: int | None = None
     halve_every: int | None = 2000
-    strategy: str = "auto"
-    chunk_size: int | None = None
-    randomness: str = "different"
-    loss: str = "cross_entropy"
 
     def __post_init__(self) -> None:
         super().__post_init__()

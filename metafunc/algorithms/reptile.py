@@ -10,10 +10,9 @@ import torch
 from metafunc import tree as mt
 from metafunc.algorithms._common import INNER_OPTIMIZERS, make_inner_optimizer, task_means
 from metafunc.algorithms.base import Algorithm, task_metrics
-from metafunc.algorithms.checks import Loss, check_choice, check_lr, check_steps
+from metafunc.algorithms.checks import check_choice, check_lr, check_steps
 from metafunc.data.batch import TaskBatch
 from metafunc.inner import adapt
-from metafunc.models.base import Model
 from metafunc.optim import GradientTransformation, schedules, sgd
 
 __all__ = ["Reptile"]
@@ -40,16 +39,11 @@ class Reptile(Algorithm):
     meta-batch 5, 10 training shots per class.
     """
 
-    model: Model
     inner_lr: float = 0.01
     inner_steps: int = 5
     inner_optimizer: str = "sgd"
     inner_b1: float = 0.0
     anneal: bool = False
-    loss: Loss = "cross_entropy"
-    strategy: str = "auto"
-    chunk_size: int | None = None
-    randomness: str = "different"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -118,7 +118,7 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "weights": ("baseline",),
     "batch_size": ("baseline",),
     "first_order": ("maml", "anil", "metasgd", "mamlpp"),
-    "inner_checkpoint": ("maml", "fomaml", "metasgd"),
+    "inner_checkpoint": ("maml", "fomaml", "anil", "metasgd", "mamlpp"),
 }
 
 
@@ -131,7 +131,7 @@ class Config:
     ``threads``: torch intra-op threads (``None``: 1 for the sinusoid's tiny network, where more
     threads only add overhead, else torch's default); under ``strategy='threads'`` (which
     ``--strategy auto`` may pick on the CPU) this many tasks run at once, each on one thread.
-    ``inner_checkpoint``: gradient checkpointing across inner steps (MAML, FOMAML, Meta-SGD):
+    ``inner_checkpoint``: gradient checkpointing across inner steps (the MAML family):
     memory flat in ``inner_steps``, the same gradient. Algorithm-specific keys (ignored by the
     others): ``train_ways`` (ProtoNets' training ways, default ``ways``), ``inner_optimizer``
     (``'sgd'``/``'adam'``: Reptile, iMAML, baseline), ``anneal`` (Reptile's linear ε

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from references import rel_err
 from torch.func import grad
 
 import metafunc as mf
@@ -113,3 +114,27 @@ def test_metaoptnet_ridge_head_is_the_closed_form_ridge_with_a_learned_scale():
     assert torch.allclose(logits, 2.5 * ridge, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match=r"MetaOptNet\(head\): 'qp' is not 'svm' or 'ridge'"):
         MetaOptNet(mf.conv4(None, hidden=8), shots=1, head="qp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "cls, kw, tol",
+    [(R2D2, {}, 1e-10), (MetaOptNet, {"head": "ridge"}, 1e-10), (MetaOptNet, {}, 1e-6)],
+    ids=["r2d2", "metaoptnet-ridge", "metaoptnet-svm"],
+)
+def test_heads_on_resnet12_with_tasks_vmapped_equal_the_loop(cls, kw, tol):
+    """On ResNet-12 (batch norm in the body, first order through it), the heads' meta-gradient
+    with tasks under ``vmap`` equals the per-task loop's; the SVM's dual solve runs its
+    iterations to the end under ``vmap`` and may stop at its tolerance in the loop."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 10, 3, 16, 16, dtype=DT, generator=gen)
+    y = torch.arange(WAYS).repeat(2).expand(3, 10).contiguous()
+    batch = TaskBatch(x, y, x.flip(1) + 0.1, y.flip(1).contiguous())
+    loop = cls(mf.resnet12(None, channels=(4, 6, 8, 10)), shots=2, strategy="loop", **kw)
+    meta = tree.cast(loop.init(torch.Generator().manual_seed(1)), DT)
+    ref, ref_loss, _ = loop.meta_grad(meta, batch)
+    grads, loss, _ = dataclasses.replace(loop, strategy="vmap").meta_grad(meta, batch)
+    assert rel_err(grads, ref) <= tol
+    assert abs(float(loss - ref_loss)) <= 1e-12

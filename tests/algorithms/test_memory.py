@@ -9,7 +9,7 @@ from helpers import class_tasks, sine_tasks
 from references import rel_err
 
 from metafunc import conv4, mlp, optim
-from metafunc.algorithms import ANIL, IMAML, MAML, MetaSGD
+from metafunc.algorithms import ANIL, IMAML, MAML, MAMLPlusPlus, MetaSGD
 
 
 class MomentumMAML(MAML):
@@ -25,6 +25,9 @@ CHECKPOINTED = {
     "metasgd": (MetaSGD, {}),
     "head-only": (MAML, {"trainable": "head"}),
     "momentum": (MomentumMAML, {}),
+    "anil": (ANIL, {}),
+    "anil-first-order": (ANIL, {"first_order": True}),
+    "mamlpp": (MAMLPlusPlus, {"msl_iterations": 10}),
 }
 
 
@@ -92,6 +95,50 @@ def test_imaml_memory_does_not_grow_with_inner_steps(gen):
     assert peaks["IMAML", 50] == peaks["IMAML", 5]
 
 
-def test_checkpoint_is_refused_where_the_inner_loop_is_custom():
-    with pytest.raises(ValueError, match=r"ANIL\(checkpoint\).*leave checkpoint=False"):
-        ANIL(conv4(3, hidden=4), checkpoint=True)
+@pytest.mark.parametrize("iteration", [0, 3, 20])
+def test_checkpointed_mamlpp_follows_its_annealing(gen, iteration):
+    """MAML++'s checkpointed sweep weighs the query losses of every step as its multi-step loss
+    does (annealed over ``msl_iterations``) and is first order while ``first_order_iterations``
+    last: the full graph's meta-gradient at every phase."""
+    kw = {"inner_steps": 3, "msl_iterations": 10, "first_order_iterations": 2}
+    plain = MAMLPlusPlus(conv4(3, hidden=4), **kw)
+    batch = class_tasks(gen, 2, 3, 2, 2)
+    meta = plain.init(gen, dtype=torch.float64)
+    ref, ref_loss, _ = plain.meta_grad(meta, batch, iteration=iteration)
+    ckpt = MAMLPlusPlus(conv4(3, hidden=4), checkpoint=True, **kw)
+    grads, loss, _ = ckpt.meta_grad(meta, batch, iteration=iteration)
+    assert rel_err(grads, ref) <= 1e-10
+    assert abs(float(loss - ref_loss)) <= 1e-12
+
+
+def test_checkpointed_mamlpp_memory_is_flat_in_the_steps(gen):
+    """MAML++'s checkpointed meta-gradient holds one step's graph: its peak grows far less with
+    the inner steps than the full graph's (a profiler probe, not a timing)."""
+    batch = class_tasks(gen, 1, 5, 1, 2, size=28)
+    peaks = {}
+    for checkpoint in (False, True):
+        for steps in (2, 8):
+            alg = MAMLPlusPlus(conv4(5, hidden=16), inner_steps=steps, checkpoint=checkpoint)
+            meta = alg.init(gen, dtype=torch.float64)
+            peaks[checkpoint, steps] = peak_bytes(lambda a=alg, m=meta: a.meta_grad(m, batch))
+    print("peak bytes:", peaks)
+    assert peaks[False, 8] > 2.5 * peaks[False, 2]
+    assert peaks[True, 8] < 1.5 * peaks[True, 2]
+
+
+def test_checkpoint_is_refused_where_the_task_loss_is_custom():
+    """A subclass that writes its own task loss and not the ``unrolled`` the sweep replays is
+    refused ``checkpoint=True``, naming the fix; one that writes both is not."""
+
+    class Custom(MAML):
+        def task_loss(self, meta_params, task, iteration):
+            return super().task_loss(meta_params, task, iteration)
+
+    with pytest.raises(ValueError, match=r"Custom\(checkpoint\).*define Custom\.unrolled"):
+        Custom(conv4(3, hidden=4), checkpoint=True)
+
+    class Both(Custom):
+        def unrolled(self, task, iteration):
+            return super().unrolled(task, iteration)
+
+    Both(conv4(3, hidden=4), checkpoint=True)

@@ -147,7 +147,7 @@ def test_tune_strategy_rejects_bad_arguments(gen, batch, kwargs, error, message)
     meta = alg.init(gen, dtype=torch.float64)
     with pytest.raises(error, match=r"tune_strategy\(algorithm, meta_params, batch\): " + message):
         tune_strategy(alg, meta, batch, **kwargs)
-    with pytest.raises(TypeError, match="algorithm is a str, not an instance with strategy"):
+    with pytest.raises(TypeError, match="algorithm is a str, not an Algorithm instance"):
         tune_strategy("maml", meta, batch)  # type: ignore[type-var]
     with pytest.raises(TypeError, match="algorithm is the class MAML, not an instance"):
         tune_strategy(MAML, meta, batch)  # type: ignore[type-var]
