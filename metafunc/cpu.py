@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["MALLOC_ENV", "OPT_OUT_ENV", "environment_allocator", "tune_cpu_allocator"]
+__all__ = [
+    "MALLOC_ENV",
+    "OPT_OUT_ENV",
+    "environment_allocator",
+    "glibc_malloc",
+    "tune_cpu_allocator",
+]
 
 #: glibc's environment variable for each setting, with ``tune_cpu_allocator``'s value. Exported
 #: before a process starts, they give it the same settings; when any is set, it wins.
@@ -40,7 +46,7 @@ def environment_allocator() -> str | None:
     return " ".join(found) or None
 
 
-def _glibc_malloc() -> bool:
+def glibc_malloc() -> bool:
     """True when glibc's own ``malloc`` serves this process (not musl, macOS, or a jemalloc or
     tcmalloc put in front of it with ``LD_PRELOAD``)."""
     try:
@@ -94,7 +100,7 @@ def tune_cpu_allocator(
             )
     if os.environ.get(OPT_OUT_ENV, "1") == "0" or environment_allocator() is not None:
         return False
-    if not _glibc_malloc():
+    if not glibc_malloc():
         return False
     import ctypes
 

@@ -21,8 +21,8 @@ from torch.overrides import TorchFunctionMode
 
 from metafunc import tree as mt
 from metafunc._random import RANDOMNESS, Randomness, check_randomness, in_task_stream, task_seeds
-from metafunc._threads import run_tasks
 from metafunc.data.batch import TaskBatch, check_batch, checked_scope
+from metafunc.threads import run_tasks
 
 __all__ = [
     "RANDOMNESS",

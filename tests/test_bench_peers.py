@@ -170,7 +170,7 @@ def test_driver_backward_flags_set_the_spec(
         seen.append(spec.per_task_backward)
         raise Stop
 
-    monkeypatch.setattr(driver, "_run_all", record)
+    monkeypatch.setattr(driver, "run_all", record)
     with pytest.raises(Stop):
         driver.main(["--settings", "omniglot-5w1s", "--workdir", str(tmp_path), *flags])
     assert seen == [expected]
@@ -208,7 +208,7 @@ def test_a_run_without_impls_compares_metafunc_with_every_peer(
         asked.append(list(impls))
         raise Stop
 
-    monkeypatch.setattr(driver, "_run_all", record)
+    monkeypatch.setattr(driver, "run_all", record)
     with pytest.raises(Stop):
         driver.main(["--settings", "omniglot-5w1s", "--workdir", str(tmp_path)])
     assert asked == [list(DEFAULT_IMPLS)]

@@ -12,7 +12,7 @@ import pytest
 import metafunc
 from metafunc import cpu
 
-GLIBC = cpu._glibc_malloc()
+GLIBC = cpu.glibc_malloc()
 
 # One Omniglot-sized MAML meta-batch in a loop; prints the minor page faults per meta-batch.
 _FAULTS = textwrap.dedent(
@@ -172,7 +172,7 @@ def test_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_other_allocators_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in [*cpu.MALLOC_ENV, "GLIBC_TUNABLES", cpu.OPT_OUT_ENV]:
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(cpu, "_glibc_malloc", lambda: False)
+    monkeypatch.setattr(cpu, "glibc_malloc", lambda: False)
     _no_mallopt(monkeypatch)
     assert metafunc.tune_cpu_allocator() is False
 
@@ -182,7 +182,7 @@ def test_a_preloaded_allocator_is_detected(monkeypatch: pytest.MonkeyPatch) -> N
     import ctypes
 
     real = ctypes.CDLL
-    assert cpu._glibc_malloc() is True  # here glibc's malloc serves the process
+    assert cpu.glibc_malloc() is True  # here glibc's malloc serves the process
 
     class Preloaded:  # LD_PRELOAD=libjemalloc.so: the process's malloc is not libc's own
         malloc = real("libc.so.6").free  # another function, so another address
@@ -191,7 +191,7 @@ def test_a_preloaded_allocator_is_detected(monkeypatch: pytest.MonkeyPatch) -> N
         return real(name) if name else Preloaded()
 
     monkeypatch.setattr(ctypes, "CDLL", preloaded)
-    assert cpu._glibc_malloc() is False
+    assert cpu.glibc_malloc() is False
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ def test_a_refused_value_names_the_argument(monkeypatch: pytest.MonkeyPatch) -> 
             applied.append((param, value))
             return 1
 
-    monkeypatch.setattr(cpu, "_glibc_malloc", lambda: True)
+    monkeypatch.setattr(cpu, "glibc_malloc", lambda: True)
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     with pytest.raises(ValueError, match=r"tune_cpu_allocator\(mmap_threshold\): glibc's"):
         metafunc.tune_cpu_allocator(mmap_threshold=64 << 20)
@@ -263,7 +263,7 @@ def test_cli_tunes_for_train_and_eval(
 def test_peer_results_record_the_allocator(
     monkeypatch: pytest.MonkeyPatch, tuned: bool, env: dict[str, str], label: str
 ) -> None:
-    from benchmarks.peers.run_peer import _allocator
+    from benchmarks.peers.run_peer import allocator_of
 
     for k in list(os.environ):
         if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES":
@@ -274,4 +274,4 @@ def test_peer_results_record_the_allocator(
     class Peer:
         allocator_tuned = tuned
 
-    assert _allocator(Peer()) == label
+    assert allocator_of(Peer()) == label

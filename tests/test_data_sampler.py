@@ -227,8 +227,8 @@ def test_uint8_and_float_storage_give_identical_batches() -> None:
     as_bytes = EpisodeSampler(images, storage="uint8", **options)  # type: ignore[arg-type]
     as_float = EpisodeSampler(images, storage="float", **options)  # type: ignore[arg-type]
     auto = EpisodeSampler(images, **options)  # type: ignore[arg-type]
-    assert as_bytes._data.dtype == torch.uint8 and as_float._data.dtype == torch.float32
-    assert auto._data.dtype == torch.float32, "a small set is normalised once under 'auto'"
+    assert as_bytes.stored_dtype == torch.uint8 and as_float.stored_dtype == torch.float32
+    assert auto.stored_dtype == torch.float32, "a small set is normalised once under 'auto'"
     assert_same(as_bytes.sample(10, seeded(1)), as_float.sample(10, seeded(1)))
     assert_same(as_bytes.sample(10, seeded(1)), auto.sample(10, seeded(1)))
     with pytest.raises(ValueError, match=r"storage='half'; use 'auto', 'uint8' or 'float'"):

@@ -22,10 +22,10 @@ from metafunc import (
     task_map,
     tree,
 )
-from metafunc._threads import run_tasks
 from metafunc.algorithms import MAML
 from metafunc.inner import grad_with_aux
 from metafunc.strategies import default_strategy, task_workers
+from metafunc.threads import run_tasks
 
 STRATEGY_KW = {
     "loop": {"strategy": "loop"},

@@ -238,7 +238,7 @@ def python_for(impl: str, overrides: Mapping[str, str]) -> str:
     return str(PEERS_PYTHON) if PEERS_PYTHON.exists() else sys.executable
 
 
-def _run_all(
+def run_all(
     spec: Spec,
     impls: Sequence[str],
     workdir: Path,
@@ -259,7 +259,7 @@ def _run_all(
 
 
 def combine_rounds(rounds: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """One result per impl from several rounds of ``_run_all``: the first round's result (its
+    """One result per impl from several rounds of ``run_all``: the first round's result (its
     gradient, which every round computes alike) with ``median_ms`` the median of the rounds'
     medians, ``round_medians_ms`` each round's, the largest peak memory and the mean steal. An
     impl that failed in any round keeps that round's failure."""
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = setting(name, first_order=order == "first", device=args.device, **extra)
                 spec = tiny(spec)
                 spec = spec.replace(name=f"{spec.name}-{order}")
-                results = _run_all(spec, impls, workdir, args.seed, overrides, env, args.timeout)
+                results = run_all(spec, impls, workdir, args.seed, overrides, env, args.timeout)
                 rows = compare_gradients(results, args.reference, rtol=1e-6)
                 failed |= any(r["ok"] is False for r in rows)
                 for r in rows:
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             **extra,
         )
         rounds = [  # each round starts one impl later
-            _run_all(
+            run_all(
                 spec,
                 impls[k % len(impls) :] + impls[: k % len(impls)],
                 workdir / f"round{k}" if args.rounds > 1 else workdir,

@@ -253,12 +253,12 @@ def run(impl: str, spec: Spec, grad_path: Path) -> dict[str, Any]:
         "device": str(device),
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
-        "allocator": _allocator(peer),
+        "allocator": allocator_of(peer),
         "cpu_steal_fraction": steal,
     }
 
 
-def _allocator(peer: object) -> str:
+def allocator_of(peer: object) -> str:
     """How this process's ``malloc`` was set: by the impl (``metafunc.tune_cpu_allocator``), by
     glibc's environment variables, both listed, or ``C library default``."""
     env = [

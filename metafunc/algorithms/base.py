@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from metafunc import tree as mt
-from metafunc._threads import on_worker, run_tasks
 from metafunc.algorithms.checks import LOSSES, Loss, check_common
 from metafunc.data.batch import TaskBatch, check_batch, checked_scope
 from metafunc.inner import grad_with_aux
@@ -37,6 +36,7 @@ from metafunc.strategies import (
     tasks_at_once,
     uses_convolutions,
 )
+from metafunc.threads import on_worker, run_tasks
 
 __all__ = [
     "COMPILE_MODES",
@@ -155,7 +155,7 @@ def mean_over_pieces(
     """``fn(batch)`` for ``fn(batch) -> (grads, loss, metrics)`` that averages over tasks,
     computed on pieces of ``size`` tasks and averaged by task count (:func:`weighted_sum`): the
     same value, with one piece's graph alive at a time, or ``workers`` pieces at once on CPU
-    threads (:func:`metafunc._threads.run_tasks`). Each piece draws from a random stream of its
+    threads (:func:`metafunc.threads.run_tasks`). Each piece draws from a random stream of its
     own (:func:`metafunc.strategies.seeded`), so the result does not depend on which thread ran
     it."""
     tasks = batch.num_tasks
@@ -559,7 +559,6 @@ class Algorithm:
 
 
 A = TypeVar("A", bound=Algorithm)
-_clock = time.perf_counter  # what tune_strategy times with (tests substitute a fake clock)
 
 
 def _out_of_memory(error: RuntimeError) -> bool:
@@ -576,6 +575,7 @@ def tune_strategy(
     candidates: Sequence[tuple[str, int | None]] | None = None,
     repeats: int = 3,
     step: Callable[[A, Any, Any], Any] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> tuple[A, dict[str, float | str]]:
     """``algorithm`` with the task-parallel strategy that runs ``step`` fastest on this machine,
     and what each candidate measured; or, for a per-task function, its fastest
@@ -607,6 +607,7 @@ def tune_strategy(
             by default ``candidate.meta_grad(meta_params, batch)``, and for a function the
             gradient of the sum of ``candidate(meta_params, batch)`` with respect to
             ``meta_params`` (``candidate`` is then the function mapped by ``task_map``).
+        timer: the clock, in seconds (as ``timeit.Timer``'s ``timer``).
 
     Returns:
         ``(dataclasses.replace(algorithm, strategy=..., chunk_size=...), timings)`` (for a
@@ -699,7 +700,7 @@ def tune_strategy(
             fits = True
             try:
                 sync()
-                start = _clock()
+                start = timer()
                 step(alive[label], meta_params, batch)
                 sync()
             except RuntimeError as error:
@@ -712,7 +713,7 @@ def tune_strategy(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             elif rnd > 0:
-                seconds[label].append(_clock() - start)
+                seconds[label].append(timer() - start)
     medians = {label: statistics.median(seconds[label]) for label in alive}
     timings: dict[str, float | str] = {
         label: failed[label] if label in failed else round(medians[label], 6) for label in order

@@ -24,11 +24,11 @@ import optree
 import torch
 
 from metafunc import tree as mt
-from metafunc._threads import run_tasks
 from metafunc._transforms import any_transform
 from metafunc.algorithms.base import Result, gradient, weighted_sum
 from metafunc.data.batch import TaskBatch
 from metafunc.strategies import resolved_strategy, seeded, task_workers
+from metafunc.threads import run_tasks
 
 if TYPE_CHECKING:
     from metafunc.algorithms.maml import MAML

@@ -198,6 +198,12 @@ class EpisodeSampler:
         self._data = self._normalise(data) if self._normalised else data
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the images are kept in: ``torch.uint8`` as given, or the float dtype they
+        were normalised to once (``storage='float'``, or ``'auto'`` for a set that fits)."""
+        return self._data.dtype
+
+    @property
     def num_classes(self) -> int:
         """Classes to draw from: base classes times rotations."""
         return len(self.base_classes) * len(self.rotations)

@@ -22,6 +22,7 @@ __all__ = [
     "TraceState",
     "add_decayed_weights",
     "clip_by_global_norm",
+    "safe_sqrt",
     "scale",
     "scale_by_adam",
     "scale_by_learning_rate",
@@ -167,7 +168,7 @@ class ScaleByAdamState(NamedTuple):
     nu: Any
 
 
-def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
+def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     """``sqrt(x)`` whose derivative at 0 is 0 rather than inf (so 0 * inf never makes a NaN when
     differentiating through Adam where a gradient entry is exactly zero)."""
     positive = x > 0
@@ -200,7 +201,7 @@ def scale_by_adam(
         mu = optree.tree_map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, grads)
         nu = optree.tree_map(lambda v, g: b2 * v + (1.0 - b2) * (g * g), state.nu, grads)
         updates = optree.tree_map(
-            lambda m, v: (m / c1) / (_safe_sqrt(v / c2 + eps_root) + eps), mu, nu
+            lambda m, v: (m / c1) / (safe_sqrt(v / c2 + eps_root) + eps), mu, nu
         )
         return updates, ScaleByAdamState(count, mu, nu)
 
@@ -229,7 +230,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     def update(grads: Any, state: EmptyState, params: Any = None) -> tuple[Any, EmptyState]:
         # The safe sqrt keeps second-order gradients finite when every gradient is exactly zero.
-        norm = _safe_sqrt(mt.vdot(grads, grads))
+        norm = safe_sqrt(mt.vdot(grads, grads))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return optree.tree_map(lambda g: g * factor.to(g.dtype), grads), state
 
