@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-_REPO = Path(__file__).resolve().parents[1]
+_REPO = Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(_REPO))
 
