@@ -448,7 +448,7 @@ REFUSALS = [
     ("--weights", "w.safetensors", "baseline"),
     ("--batch-size", "64", "baseline"),
     ("--first-order", None, "maml, anil, metasgd, mamlpp"),
-    ("--inner-checkpoint", None, "maml, fomaml, metasgd"),
+    ("--inner-checkpoint", None, "maml, fomaml, anil, metasgd, mamlpp"),
     ("--halve-every", "100", "protonet, r2d2, metaoptnet"),
     ("--head", "ridge", "metaoptnet"),
 ]
