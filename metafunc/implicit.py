@@ -36,9 +36,22 @@ from metafunc._transforms import under_vmap
 from metafunc.inner import adapt, grad_with_aux
 from metafunc.optim import GradientTransformation, sgd
 
-__all__ = ["HYPERGRADIENTS", "HyperInfo", "custom_fixed_point", "custom_root", "hypergradient"]
+__all__ = [
+    "HYPERGRADIENTS",
+    "NOT_COMPILABLE",
+    "HyperInfo",
+    "custom_fixed_point",
+    "custom_root",
+    "hypergradient",
+]
 
 Solve = Callable[..., tuple[Any, linalg.SolveInfo]]
+#: Why an algorithm built on :func:`custom_root` does not compile (HISTORY "what stops
+#: custom_root from compiling").
+NOT_COMPILABLE = (
+    "custom_root's implicit backward is an autograd.Function made per call, which "
+    "torch.compile cannot trace"
+)
 _WARNED: set[str] = set()
 
 

@@ -11,8 +11,8 @@ import torch
 from helpers import LR, sine_mlp, sine_tasks
 from references import ref_meta_grad
 
-from metafunc import TaskBatch, conv4, tree
-from metafunc.algorithms import MAML, MetaSGD, Reptile
+from metafunc import TaskBatch, compile_step, conv4, optim, tree
+from metafunc.algorithms import IMAML, MAML, MetaOptNet, MetaSGD, Reptile
 from metafunc.cli import main
 from metafunc.harness import Config, ConfigError
 
@@ -128,6 +128,11 @@ def test_compiled_meta_grad_refuses_what_it_cannot_trace():
         MAML(sine_mlp(), loss="mse").compiled_meta_grad("fast")
     with pytest.raises(ValueError, match="checkpoint=False to compile"):
         MAML(sine_mlp(), loss="mse", checkpoint=True).compiled_meta_grad()
+    with pytest.raises(ValueError, match=r"IMAML cannot be compiled whole \(custom_root's"):
+        IMAML(sine_mlp(), loss="mse").compiled_meta_grad()
+    with pytest.raises(ValueError, match=r"MetaOptNet cannot be compiled whole yet \(custom_root"):
+        compile_step(MetaOptNet(conv4(None), shots=1), optim.adam(1e-3))
+    assert not MetaOptNet(conv4(None), shots=1, head="ridge").not_compilable()
     alg = MAML(sine_mlp(), loss="mse")
     bad = {"params": {**alg.init()["params"], "fc0.bias": None}}
     with pytest.raises(TypeError, match=r"compiled_meta_grad\(\)\(meta_params, batch\)"):
@@ -141,6 +146,8 @@ def test_config_refuses_compile_where_it_does_not_apply():
         ({"algorithm": "baseline", "dataset": "omniglot"}, "pretrains a classifier"),
         ({"inner_checkpoint": True}, "Python sweep"),
         ({"precision": "bf16"}, "autocast runs eagerly"),
+        ({"algorithm": "imaml"}, "custom_root"),
+        ({"algorithm": "metaoptnet", "dataset": "omniglot"}, "custom_root"),
     ):
         with pytest.raises(ConfigError, match=why):
             Config(compile="default", **bad)

@@ -20,7 +20,7 @@ from metafunc.algorithms._common import class_one_hot, ways_of
 from metafunc.algorithms.checks import check_lr, check_steps
 from metafunc.algorithms.protonets import ProtoNet
 from metafunc.data.batch import TaskBatch
-from metafunc.implicit import custom_fixed_point
+from metafunc.implicit import NOT_COMPILABLE, custom_fixed_point
 
 __all__ = ["R2D2", "MetaOptNet", "ridge_logits", "svm_logits"]
 
@@ -167,6 +167,9 @@ class MetaOptNet(ProtoNet):
         check_lr(name, "lam", self.lam)
         if self.head not in ("svm", "ridge"):
             raise ValueError(f"{name}(head): {self.head!r} is not 'svm' or 'ridge'.")
+
+    def not_compilable(self) -> str:
+        return NOT_COMPILABLE if self.head == "svm" else ""
 
     def init(
         self,

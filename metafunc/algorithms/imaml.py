@@ -14,7 +14,7 @@ from metafunc.algorithms._common import INNER_OPTIMIZERS, make_inner_optimizer, 
 from metafunc.algorithms.base import Algorithm, loss_fn_of, task_metrics
 from metafunc.algorithms.checks import check_choice, check_lr, check_positive, check_steps
 from metafunc.data.batch import TaskBatch
-from metafunc.implicit import custom_root
+from metafunc.implicit import NOT_COMPILABLE, custom_root
 from metafunc.inner import adapt, grad_with_aux
 
 __all__ = ["IMAML"]
@@ -126,6 +126,9 @@ class IMAML(Algorithm):
         preds = self.predict(self.adapted(theta, task), task)
         metrics = task_metrics(self.loss, preds, task.query_y)
         return metrics["loss"], metrics
+
+    def not_compilable(self) -> str:
+        return NOT_COMPILABLE
 
     # -- the meta-batch ----------------------------------------------------------------------
 

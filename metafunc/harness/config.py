@@ -365,6 +365,8 @@ class Config:
             return "the classification baseline pretrains a classifier; there is no meta-step"
         if self.inner_checkpoint:
             return "inner_checkpoint recomputes steps in a Python sweep"
+        if self.algorithm == "imaml" or (self.algorithm == "metaoptnet" and self.head == "svm"):
+            return "its implicit gradient (custom_root) does not compile"
         if self.precision == "bf16":
             return "bf16 autocast runs eagerly"
         return ""
