@@ -12,14 +12,21 @@ state and the in-step sampler's key, one tree, so a checkpoint saves one object)
         state, metrics = step(state, iteration=it)   # tasks drawn inside, from state.key
 
 Without a sampler, pass each batch: ``state, metrics = step(state, batch, iteration=it)``.
+
+With ``cache=PATH`` a whole step is compiled ahead of time (dynamo's precompile) and saved: a
+later process loads it in about a second, where compiling again, even from inductor's cache,
+retraces the step for several (``metafunc train`` keys the file by its config).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import time
 import types
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -65,6 +72,10 @@ class Step:
             ``'vmap'`` does); otherwise the meta-gradient is compiled per piece of tasks
             (:meth:`Algorithm.compiled_meta_grad`) and the update as a graph of its own.
         compile_seconds: wall time of each compilation so far (the first call compiles).
+        cache: the file of the step compiled ahead of time, or ``None``.
+        precompiled: ``'loaded'`` (from :attr:`cache`), ``'saved'`` (compiled and written
+            there), or why there is none (the step is not whole, the file was stale...);
+            ``None`` before the first call.
     """
 
     def __init__(
@@ -76,13 +87,17 @@ class Step:
         meta_batch: int | None = None,
         mode: str | None = "default",
         backend: str = "inductor",
+        cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.algorithm, self.optimizer = algorithm, optimizer
         self.sampler, self.meta_batch = sampler, meta_batch
         self.mode, self.backend = mode, backend
+        self.cache = None if cache is None else Path(cache)
         self.whole: bool | None = None
         self.compile_seconds: list[float] = []
+        self.precompiled: str | None = None
         self._signatures: set[Any] = set()
+        self._aot: tuple[Any, Callable[..., Any]] | None = None  # (signature, function)
         self._compiled: Callable[..., Any] | None = None
         self._update: Callable[..., Any] | None = None
         self._pieces: Callable[..., Any] | None = None
@@ -140,11 +155,13 @@ class Step:
             probe = batch if batch is not None else self.draw(state.key)[1]
             device = mt.device_of(state.meta)
             self.whole = self.algorithm.tasks_per_graph(probe, device) >= probe.num_tasks
-        self._note_signature(call, state, batch)
+            if not self.whole and self.cache is not None:
+                self.precompiled = "not whole: compiled per piece of tasks"
+        signature = self._note_signature(call, state, batch)
         start = time.perf_counter()
         try:
             if self.whole:
-                out = self._whole()(state, _static(batch), iteration)
+                out = self._call_whole(signature, state, batch, iteration)
             else:
                 out = self._by_pieces(state, batch, iteration)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as error:
@@ -158,13 +175,13 @@ class Step:
             self.compile_seconds.append(time.perf_counter() - start)
         return out
 
-    def _note_signature(self, call: str, state: StepState, batch: TaskBatch | None) -> None:
+    def _note_signature(self, call: str, state: StepState, batch: TaskBatch | None) -> Any:
         """A new shape, dtype or device compiles again: once, said with a warning."""
         fields = () if batch is None else tuple((f.shape, f.dtype, f.device) for f in batch)
         first = mt.leaves(state.meta)[0]  # the meta-parameters keep their shapes between steps
         signature = (fields, first.dtype, first.device)
         if signature in self._signatures:
-            return
+            return signature
         if self._signatures:
             warnings.warn(
                 f"{call}: called with other shapes, dtypes or devices than before "
@@ -172,6 +189,84 @@ class Step:
                 stacklevel=3,
             )
         self._signatures.add(signature)
+        return signature
+
+    def _call_whole(
+        self, signature: Any, state: StepState, batch: TaskBatch | None, iteration: int
+    ) -> tuple[StepState, dict[str, torch.Tensor]]:
+        """The whole step: the precompiled one where there is one for these inputs, else
+        ``torch.compile``'s."""
+        if self.cache is not None and self.precompiled is None:
+            out = self._precompile(state, batch, iteration)
+            if out is not None:
+                return out
+        if self._aot is not None and self._aot[0] == signature:
+            try:
+                return self._aot[1](state, batch, iteration)
+            except RuntimeError as error:  # its guards: an iteration past a branch it took
+                if "GuardManager check failed" not in str(error):
+                    raise
+                self._aot, self.precompiled = None, f"its guards failed at iteration {iteration}"
+                warnings.warn(
+                    f"compile_step: the step precompiled in {self.cache} does not cover "
+                    f"iteration {iteration} (a guard failed: {_guard(error)}); compiling it "
+                    "again.",
+                    stacklevel=3,
+                )
+        return self._whole()(state, _static(batch), iteration)
+
+    def _precompile(
+        self, state: StepState, batch: TaskBatch | None, iteration: int
+    ) -> tuple[StepState, dict[str, torch.Tensor]] | None:
+        """Load the step from :attr:`cache` (checked against the eager step on these inputs,
+        its outputs returned), or compile it ahead of time and save it there (``None``
+        returned: the caller runs it)."""
+        assert self.cache is not None
+        import torch._dynamo
+
+        signature = next(iter(self._signatures))
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            if self.cache.is_file():
+                try:
+                    with open(self.cache, "rb") as file:
+                        loaded = torch.compiler.load_compiled_function(file, f_globals=globals())
+                    out = loaded(state, batch, iteration)
+                    why = _disagree(out, self.eager(state, batch, iteration=iteration))
+                except Exception as error:  # a file of another build of torch, or corrupt
+                    why = f"it does not load ({type(error).__name__}: {error})"
+                if not why:
+                    self._aot, self.precompiled = (signature, loaded), "loaded"
+                    return out
+                warnings.warn(
+                    f"compile_step: the step precompiled in {self.cache} is stale ({why}); "
+                    "compiling it again.",
+                    stacklevel=4,
+                )
+
+            def step(state: StepState, batch: TaskBatch | None, iteration: int) -> Any:
+                return self.eager(state, batch, iteration=iteration)
+
+            options: dict[str, Any] = {"guard_filter_fn": _portable_guards}
+            if self.backend == "inductor":
+                options.update(torch._inductor.list_mode_options(self.mode))
+            fn = torch.compile(_own_code(step), fullgraph=True, backend=self.backend,
+                               options=options)  # fmt: skip
+            # the iteration a symbol, so one program serves every iteration (its guards keep
+            # any branch on it, as MAML++'s annealing takes)
+            with torch.compiler.config.patch(  # type: ignore[attr-defined]
+                dynamic_sources="L['iteration']"
+            ):
+                compiled = fn.aot_compile(((state, batch, iteration), {}))  # type: ignore[attr-defined]
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            compiled.save_compiled_function(str(self.cache))  # written atomically
+            self.precompiled = "saved"
+        except Exception as error:  # e.g. a backend whose artifacts do not serialise
+            self.precompiled = f"not saved ({type(error).__name__}: {error})"
+            warnings.warn(f"compile_step: the step was not saved to {self.cache} "
+                          f"({self.precompiled}).", stacklevel=4)  # fmt: skip
+        self._aot = (signature, compiled)
+        return None
 
     def _whole(self) -> Callable[..., Any]:
         if self._compiled is None:
@@ -215,6 +310,15 @@ def _reason(error: Exception) -> str:
     return (caused or lines or [type(error).__name__])[0]
 
 
+def _guard(error: Exception) -> str:
+    """The guard a precompiled step's call failed, from dynamo's message."""
+    text = str(error)
+    found = re.search(r"""verbose_code_parts=\[(?:"([^"]*)"|'([^']*)')""", text)
+    if found is None:
+        return text.splitlines()[0] if text else type(error).__name__
+    return (found.group(1) or found.group(2)).split("#")[0].strip()
+
+
 def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` with a code object of its own: dynamo keeps compiled graphs, and counts recompiles
     against its limit, per code object, so two steps must not share one."""
@@ -226,6 +330,27 @@ def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _COUNT = [0]
+
+
+def _portable_guards(entries: Any) -> list[bool]:
+    """The guards a saved step keeps: on its tensor inputs, dynamo's global state (grad mode,
+    threads...) and symbolic shapes (the iteration's branches); the rest, the algorithm's and
+    optimizer's settings, the cache file's name stands for."""
+    return torch.compiler.keep_portable_guards_unsafe(entries)
+
+
+def _disagree(out: Any, ref: Any, rtol: float = 1e-4, atol: float = 1e-6) -> str:
+    """Why the outputs of a loaded step are not those of the eager step (``''`` if they are):
+    a stale file, compiled for other settings, computes something else."""
+    got, want = mt.leaves(out), mt.leaves(ref)
+    if len(got) != len(want):
+        return f"{len(got)} outputs against the eager step's {len(want)}"
+    for a, b in zip(got, want, strict=True):
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return f"an output of shape {tuple(a.shape)} against the eager step's {tuple(b.shape)}"
+        if not torch.allclose(a.double(), b.double(), rtol=rtol, atol=atol, equal_nan=True):
+            return "its outputs differ from the eager step's on the first call"
+    return ""
 
 
 def _static(batch: TaskBatch | None) -> TaskBatch | None:
@@ -246,6 +371,7 @@ def compile_step(
     meta_batch: int | None = None,
     mode: str | None = "default",
     backend: str = "inductor",
+    cache: str | os.PathLike[str] | None = None,
 ) -> Step:
     """A meta-training step of ``algorithm`` with the outer ``optimizer``, compiled whole.
 
@@ -271,6 +397,15 @@ def compile_step(
         mode: ``torch.compile``'s mode (``'default'``, ``'reduce-overhead'``: CUDA graphs on
             CUDA, ``'max-autotune'``), or ``None`` for the eager step.
         backend: ``torch.compile``'s backend (``'aot_eager'`` traces without code generation).
+        cache: a file for the step compiled ahead of time, when it is compiled whole: loaded if
+            it exists (its first call checked against the eager step; a stale or unreadable
+            file is compiled again, with a warning), else written after the first compile. A
+            process that loads it skips dynamo's tracing and inductor's code generation. Its
+            guards cover the inputs' shapes and dtypes, the iteration's branches and the grad
+            and thread state, not the algorithm's or optimizer's settings: name the file after
+            everything the step depends on (``metafunc train`` hashes its config, torch's
+            version and metafunc's source). The file is a pickle, like inductor's cache: load
+            only your own.
 
     Raises:
         CompileError: at the first call, when the step breaks the graph (named, with the fix).
@@ -300,5 +435,6 @@ def compile_step(
             f"({algorithm.not_compilable()}); pass mode=None for the eager step."
         )
     return Step(
-        algorithm, optimizer, sampler=sampler, meta_batch=meta_batch, mode=mode, backend=backend
-    )
+        algorithm, optimizer, sampler=sampler, meta_batch=meta_batch, mode=mode,
+        backend=backend, cache=cache,
+    )  # fmt: skip

@@ -385,20 +385,32 @@ def test_compile_auto_skips_a_compile_that_would_not_pay_and_records_why(tmp_pat
 
 @pytest.mark.slow
 def test_compile_auto_compiles_when_it_pays_and_remembers_the_compile(tmp_path, monkeypatch):
-    from metafunc.harness import run as harness_run
+    from metafunc.harness import Config, compiling
 
     monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness_run, "COMPILE_GUESS_S", 0.0)  # as if compiling cost nothing
+    monkeypatch.setattr(compiling, "COMPILE_GUESS_S", 0.0)  # as if compiling cost nothing
     run = tmp_path / "run"
     args = [*QUICK, "--strategy", "vmap", "--iterations", "8"]
     assert main(["train", "--run-dir", str(run), *args]) == 0
     record = json.loads((run / "compile.json").read_text())
     assert record["cache"] == "cold" and record["compile_s"] > 0 and record["compiled_ms"] > 0
     assert record["choice"] in ("default", "off") and "per step" in record["why"]
+    assert record["precompiled"] == "saved"
     assert json.loads((run / "config.json").read_text())["compile"] == record["choice"]
     known = json.loads((tmp_path / "cache" / "compile-times.json").read_text())
     (entry,) = known.values()
     assert entry["cold_s"] == record["compile_s"]
+    # the same config again (another seed) loads the step precompiled by the first run
+    monkeypatch.setattr(compiling, "LOAD_GUESS_S", 0.0)
+    again = tmp_path / "again"
+    assert main(["train", "--run-dir", str(again), *args, "--seed", "3"]) == 0
+    record = json.loads((again / "compile.json").read_text())
+    assert record["cache"] == record["precompiled"] == "loaded"
+    (entry,) = json.loads((tmp_path / "cache" / "compile-times.json").read_text()).values()
+    assert entry["loaded_s"] == record["compile_s"]
+    assert [p.name for p in (tmp_path / "cache" / "steps").iterdir()] == [
+        compiling.step_cache(Config.from_dict(json.loads((run / "config.json").read_text()))).name
+    ]
 
 
 @pytest.mark.slow
@@ -563,10 +575,10 @@ def test_list_presets_is_a_table(capsys):
 
 
 def test_compile_auto_falls_back_to_eager_when_the_step_does_not_compile(tmp_path, monkeypatch):
-    from metafunc.harness import run as harness_run
+    from metafunc.harness import compiling
     from metafunc.step import CompileError
 
-    real = harness_run.compile_step
+    real = compiling.compile_step
 
     def breaking(alg, opt, *, mode="default", **kw):
         step = real(alg, opt, mode=mode, **kw)
@@ -579,8 +591,8 @@ def test_compile_auto_falls_back_to_eager_when_the_step_does_not_compile(tmp_pat
         return fails
 
     monkeypatch.setenv("METAFUNC_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(harness_run, "COMPILE_GUESS_S", 0.0)
-    monkeypatch.setattr(harness_run, "compile_step", breaking)
+    monkeypatch.setattr(compiling, "COMPILE_GUESS_S", 0.0)
+    monkeypatch.setattr(compiling, "compile_step", breaking)
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), *QUICK]) == 0
     record = json.loads((run / "compile.json").read_text())

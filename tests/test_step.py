@@ -201,3 +201,57 @@ def test_compile_step_refuses_bad_arguments():
     bad = mf.data.SinusoidTasks(shots=5).sample(4, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"batch\.query_x 3"):
         step(step.init(alg.init()), bad._replace(query_x=bad.query_x[:3]))
+
+
+def precompiled_run(alg, cache, iterations, *, expect=None):
+    """(states, step) of a fresh step with ``cache`` over ``iterations``, float64, tasks drawn
+    inside it; ``expect`` a warning to see on the way."""
+    sampler = mf.data.SinusoidTasks(shots=5, dtype=torch.float64)
+    meta = tree.cast(alg.init(torch.Generator().manual_seed(1)), torch.float64)
+    opt = alg.outer_optimizer(1e-3, 100)
+    step = mf.compile_step(
+        alg, opt, sampler=sampler, meta_batch=4, backend="aot_eager", cache=cache
+    )  # fmt: skip
+    state = step.init(meta, keys.key(7))
+    context = pytest.warns(UserWarning, match=expect) if expect else warnings.catch_warnings()
+    with context:
+        if not expect:
+            warnings.simplefilter("error")
+        for i in range(iterations):
+            state, _ = step(state, iteration=i)
+    eager = mf.compile_step(alg, opt, sampler=sampler, meta_batch=4, mode=None)
+    reference = eager.init(meta, keys.key(7))
+    for i in range(iterations):
+        reference, _ = eager(reference, iteration=i)
+    assert relative(state.meta, reference.meta) <= 1e-10
+    return step
+
+
+@pytest.mark.slow
+def test_a_precompiled_step_is_saved_loaded_and_checked(tmp_path):
+    """A step saved by one Step loads in another (no tracing) and equals the eager step; a file
+    saved for other settings is caught on its first call and compiled again; a corrupt one
+    too."""
+    cache = tmp_path / "step.bin"
+    assert precompiled_run(SINUSOID["MAML"](), cache, 3).precompiled == "saved"
+    assert cache.is_file()
+    assert precompiled_run(SINUSOID["MAML"](), cache, 3).precompiled == "loaded"
+    other = MAML(mf.mlp(), inner_lr=0.1, loss="mse")  # the same shapes, another program
+    stale = precompiled_run(other, cache, 3, expect="stale.*differ from the eager step")
+    assert stale.precompiled == "saved"
+    cache.write_bytes(b"not a step")
+    broken = precompiled_run(other, cache, 2, expect="stale.*does not load")
+    assert broken.precompiled == "saved"
+    assert precompiled_run(other, cache, 2).precompiled == "loaded"
+
+
+@pytest.mark.slow
+def test_a_precompiled_step_keeps_the_branches_on_the_iteration(tmp_path):
+    """MAML++ anneals its loss weights until iteration 3: the saved program holds for
+    iterations 0-2 and its guard says so at 3, where the step compiles again (and stays
+    exact)."""
+    alg = MAMLPlusPlus(mf.mlp(), inner_steps=2, loss="mse", msl_iterations=3)
+    cache = tmp_path / "mamlpp.bin"
+    precompiled_run(alg, cache, 5, expect=r"does not cover iteration 3.*L\['iteration'\]")
+    step = precompiled_run(alg, cache, 3)
+    assert step.precompiled == "loaded"

@@ -25,7 +25,6 @@ from metafunc import algorithms, models, optim
 from metafunc import distributed as mdist
 from metafunc import tree as mt
 from metafunc.data import TaskBatch, get_benchmark
-from metafunc.data.cache import default_cache_dir, write_atomic
 from metafunc.harness import launch
 from metafunc.harness.checkpoint import (
     CheckpointError,
@@ -33,8 +32,14 @@ from metafunc.harness.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from metafunc.harness.compiling import (
+    remember_compile,
+    resolve_compile,
+    step_cache,
+    use_inductor_cache,
+)
 from metafunc.harness.config import Config, ConfigError
-from metafunc.step import CompileError, Step, StepState, compile_step
+from metafunc.step import Step, StepState, compile_step
 from metafunc.strategies import default_strategy, strategy_label
 
 __all__ = [
@@ -474,120 +479,6 @@ def resolve_strategy(cfg: Config) -> tuple[Config, dict[str, float | str]]:
     return cfg.replace(strategy=fastest.strategy, chunk_size=fastest.chunk_size), times
 
 
-# what 'auto' assumes a first (cold) compile costs before this machine has timed one, and what
-# fraction of it a compile from inductor's warm cache costs (seconds; the sinusoid step on the
-# 2-core CPU: 19 s cold, about 5 s warm), see HISTORY "compiled step"
-COMPILE_GUESS_S = 20.0
-WARM_FRACTION = 0.3
-
-
-def _compile_times() -> Path:
-    return default_cache_dir() / "compile-times.json"
-
-
-def _compile_key(cfg: Config) -> str:
-    """What a compiled step depends on: the config but for seeds, lengths and folders."""
-    keep = cfg.replace(seed=0, iterations=1, data_root=None, preset=None, compile="off").to_dict()
-    return json.dumps({**keep, "torch": torch.__version__}, sort_keys=True)
-
-
-def use_inductor_cache() -> None:
-    """Keep ``torch.compile``'s artifacts (inductor's FX graph and AOT autograd caches) under
-    the metafunc cache folder, so a repeated config compiles from cache (a folder the user set
-    in ``TORCHINDUCTOR_CACHE_DIR`` is kept; torch's own default, a temporary folder, is not)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
-
-    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if current is None or os.path.abspath(current) == os.path.abspath(torch_default()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(default_cache_dir() / "inductor")
-
-
-def remember_compile(cfg: Config, compile_s: float, compiled_ms: float) -> str:
-    """Record a compile of ``cfg``'s step on this machine (its seconds, and milliseconds per
-    compiled step) for ``'auto'`` to expect next time; returns whether it was ``'cold'`` (the
-    first of this config) or ``'warm'`` (from inductor's cache)."""
-    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
-    seen = known.get(_compile_key(cfg), {})
-    cache = "warm" if seen else "cold"
-    known[_compile_key(cfg)] = {
-        **seen,
-        f"{cache}_s": round(compile_s, 2),
-        "compiled_ms": round(compiled_ms, 4),
-    }
-    _compile_times().parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(_compile_times(), (json.dumps(known, indent=1) + "\n").encode())
-    return cache
-
-
-def resolve_compile(
-    cfg: Config, run: Run, meta: Any, opt: Any, remaining: int
-) -> tuple[str, dict[str, Any], Step]:
-    """``(choice, record, step)`` for ``compile='auto'``: the step (eager or compiled) that
-    finishes the ``remaining`` iterations sooner on this configuration's own work.
-
-    The eager step is timed on one meta-batch of the run's tasks (median of 3 after a warm-up).
-    Unless that many eager steps take less than a compile is expected to cost (the last compile
-    time of this config on this machine, else :data:`COMPILE_GUESS_S`), the step is compiled,
-    the compile timed (with the one recompile a changing iteration makes) and the compiled step
-    timed alike; the compiled one is kept when it is faster (its compile is paid by then). The
-    record (milliseconds per step, compile seconds, the choice and why) goes to the run folder's
-    ``compile.json``; the compiled step is returned for the run to use."""
-    why = cfg.compile_unavailable()
-    eager = compile_step(run.algorithm, opt, mode=None)
-    if why:
-        return "off", {"choice": "off", "why": why}, eager
-    gen = torch.Generator(device=getattr(run.train_tasks, "device", None) or "cpu")
-    batch = run.train_tasks.sample(cfg.meta_batch, gen.manual_seed(cfg.seed + 2))
-    state = eager.init(meta)
-
-    def ms_per_step(step: Step) -> float:
-        times = []
-        for i in range(3):
-            start = time.perf_counter()
-            _, metrics = step(state, batch, iteration=i)
-            float(metrics["loss"])  # waits for the device
-            times.append(time.perf_counter() - start)
-        return 1e3 * sorted(times)[1]
-
-    ms_per_step(eager)  # warm-up
-    eager_ms = ms_per_step(eager)
-    record: dict[str, Any] = {"eager_ms": round(eager_ms, 4), "remaining": remaining}
-    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
-    seen = known.get(_compile_key(cfg), {})
-    if "warm_s" in seen:  # a config compiled before on this machine compiles from the cache
-        expected = seen["warm_s"]
-    elif "cold_s" in seen:
-        expected = seen["cold_s"] * WARM_FRACTION
-    else:
-        expected = COMPILE_GUESS_S
-    saving_ms = eager_ms - seen.get("compiled_ms", 0.0)  # at most the whole eager step
-    if remaining * saving_ms / 1e3 <= expected:
-        record.update(choice="off", expected_compile_s=round(expected, 1), why=(
-            f"compiling (about {expected:.1f} s) would not pay back over {remaining} steps of "
-            f"{eager_ms:.3f} ms; --compile default compiles anyway, and fills the cache that "
-            "makes the next compile of this config quicker"))  # fmt: skip
-        return "off", record, eager
-    compiled = compile_step(run.algorithm, opt, mode="default")
-    start = time.perf_counter()
-    try:
-        for i in (0, 1):  # the first iteration compiles; the next makes the iteration dynamic
-            float(compiled(state, batch, iteration=i)[1]["loss"])
-    except CompileError as error:  # eager, and the reason on record
-        record.update(choice="off", why=f"the step does not compile: {error}")
-        return "off", record, eager
-    compile_s = time.perf_counter() - start
-    compiled_ms = ms_per_step(compiled)
-    cache = remember_compile(cfg, compile_s, compiled_ms)
-    faster = compiled_ms < eager_ms
-    record.update(
-        compiled_ms=round(compiled_ms, 4), compile_s=round(compile_s, 2),
-        cache=cache,
-        choice="default" if faster else "off",
-        why=f"compiled {compiled_ms:.3f} ms against eager {eager_ms:.3f} ms per step",
-    )  # fmt: skip
-    return record["choice"], record, compiled if faster else eager
-
-
 def _distributed_or_pretraining_step(
     run: Run,
     opt: Any,
@@ -677,7 +568,7 @@ def _train(
             cfg = cfg.replace(compile=choice)
         else:
             mode = None if cfg.compile == "off" else cfg.compile
-            step_fn = compile_step(alg, opt, mode=mode)
+            step_fn = compile_step(alg, opt, mode=mode, cache=step_cache(cfg) if mode else None)
     if lead:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -809,7 +700,8 @@ def _train(
     train_seconds = time.perf_counter() - t0
     if step_fn is not None and step_fn.compile_seconds and not compiled and step > start:
         compile_s = step_fn.compile_seconds[0]
-        remember_compile(cfg, compile_s, 1e3 * (train_seconds - compile_s) / (step + 1 - start))
+        per_step_ms = 1e3 * (train_seconds - compile_s) / (step + 1 - start)
+        remember_compile(cfg, step_fn, compile_s, per_step_ms)
     which = f"final (step {cfg.iterations})"
     if cfg.keep_best:  # every rank reads the file rank 0 wrote (torchrun shares a file system)
         if world > 1:
