@@ -3,10 +3,11 @@
 
 Every setting first checks that both compute the same float64 meta-gradient from the same
 parameters and tasks (within 1e-10 relative), then times the whole float32 step, tasks drawn
-inside it: metafunc's eager step and its compiled one (:func:`metafunc.compile_step`, with
-``sample_keyed``) against JAX's jitted one. One thread per process (``--threads``). JAX and
-optax live in ``.jax-venv`` (``bash benchmarks/jax/install.sh``). Prints a table and writes
-JSON; figures and their machine in ``benchmarks/HISTORY.md`` ("JAX").
+inside it: metafunc's eager step, its compiled one (:func:`metafunc.compile_step`, with
+``sample_keyed``) and the compiled one saved and loaded back (``compile_step(cache=...)``,
+what a repeated ``metafunc train`` runs) against JAX's jitted one. One thread per process
+(``--threads``). JAX and optax live in ``.jax-venv`` (``bash benchmarks/jax/install.sh``).
+Prints a table and writes JSON; figures and their machine in ``benchmarks/HISTORY.md`` ("JAX").
 
 Settings: MAML on the sinusoid as in the paper (1-40-40-1 ReLU MLP, meta-batch 25, K=10 support
 and 10 query points, one inner SGD step at 0.01, second order, Adam 1e-3); the same with 5 inner
@@ -26,6 +27,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -140,10 +142,18 @@ def worker(spec: dict[str, Any], inputs_path: Path, out: Path) -> None:
     meta = mf.tree.cast(meta64, torch.float32, device=device)
     opt = mf.optim.adam(1e-3)
     result: dict[str, Any] = {"impl": "metafunc", "torch": torch.__version__, "device": device}
+    cache = out.with_suffix(".step.bin")
     for mode in spec["modes"]:
         label = {"eager": "eager", "default": "compiled"}.get(mode, mode)
-        step = mf.compile_step(alg, opt, sampler=tasks, meta_batch=spec["tasks"],
-                               mode=None if mode == "eager" else mode)  # fmt: skip
+        build_step = functools.partial(
+            mf.compile_step, alg, opt, sampler=tasks, meta_batch=spec["tasks"],
+            mode={"eager": None, "precompiled": "default"}.get(mode, mode),
+            cache=cache if mode == "precompiled" else None,
+        )  # fmt: skip
+        if mode == "precompiled":  # saved by a first step, loaded by the step timed below,
+            saving = build_step()  # as a later run of metafunc train loads it
+            saving(saving.init(meta, mf.data.keys.key(0)), iteration=0)
+        step = build_step()
         state = step.init(meta, mf.data.keys.key(0))
         start = time.perf_counter()
         for i in (0, 1):  # compiles (and makes the iteration dynamic); warms the eager step
@@ -165,6 +175,7 @@ def worker(spec: dict[str, Any], inputs_path: Path, out: Path) -> None:
             "rounds": len(times),
             "first_two_steps_s": round(compile_s, 3),
             "whole_graph": step.whole,
+            "precompiled": step.precompiled,
         }
     out.write_text(json.dumps(result, indent=1) + "\n")
 
@@ -186,8 +197,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--timeout", type=float, default=1800.0, help="per process")
     parser.add_argument("--jax-python", default=str(ROOT / ".jax-venv" / "bin" / "python"))
     parser.add_argument("--device", default="cpu", help="metafunc's device (JAX runs on the CPU)")
-    parser.add_argument("--modes", default="eager,default",
-                        help="metafunc's steps: eager and torch.compile modes")  # fmt: skip
+    parser.add_argument("--modes", default="eager,default,precompiled",
+                        help="metafunc's steps: eager, torch.compile modes, and precompiled "
+                             "(compile_step's cache, loaded)")  # fmt: skip
     parser.add_argument("--no-jax", action="store_true", help="time metafunc alone")
     parser.add_argument("--out", default="benchmarks/results/bench_jax-cpu.json")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -231,24 +243,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if grad_error > 1e-10:
                 raise AssertionError(f"{name}: metafunc and JAX gradients differ by {grad_error}")
             j = json.loads(theirs.read_text())
-        row = {
-            "setting": name,
-            "spec": spec,
-            "grad_rel_error": grad_error,
-            "metafunc": m,
-            "jax": j,
-            "compiled_over_jax_speed": round(j["ms"] / m["compiled"]["ms"], 3),
-            "eager_over_jax_speed": round(j["ms"] / m["eager"]["ms"], 3),
-        }
+        row = {"setting": name, "spec": spec, "grad_rel_error": grad_error, "metafunc": m, "jax": j}
+        parts = [f"{name:18s} grad err {grad_error:.1e}  JAX {j['ms']:9.3f} ms (compile "
+                 f"{j['compile_s']:.1f} s)"]  # fmt: skip
+        for label in ("compiled", "precompiled", "eager"):
+            if label in m:
+                row[f"{label}_over_jax_speed"] = round(j["ms"] / m[label]["ms"], 3)
+                parts.append(f"{label} {m[label]['ms']:9.3f} ms "
+                             f"({row[f'{label}_over_jax_speed']:.2f}x JAX's speed, first two "
+                             f"steps {m[label]['first_two_steps_s']:.1f} s)")  # fmt: skip
         rows.append(row)
-        print(
-            f"{name:18s} grad err {grad_error:.1e}  JAX {j['ms']:9.3f} ms (compile "
-            f"{j['compile_s']:.1f} s)  metafunc compiled {m['compiled']['ms']:9.3f} ms "
-            f"({row['compiled_over_jax_speed']:.2f}x JAX's speed, compile "
-            f"{m['compiled']['first_two_steps_s']:.1f} s)  eager {m['eager']['ms']:9.3f} ms "
-            f"({row['eager_over_jax_speed']:.2f}x)",
-            flush=True,
-        )
+        print("  ".join(parts), flush=True)
     result = {"machine": machine(torch.device(args.device)), "threads": args.threads, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
