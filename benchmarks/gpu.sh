@@ -160,6 +160,11 @@ step gpu-tests 60 bash -c "set -o pipefail; $PY -m pytest -q -rfE -m gpu -k 'not
 step compiled-step 180 "$PY" benchmarks/bench_jax.py --no-jax --device "$DEVICE" \
   --settings sinusoid,omniglot-5w1s,omniglot-20w1s --modes eager,default,reduce-overhead \
   --rounds 3 --max-seconds 10 --timeout 170 --out "$RES/bench_step-$TAG.json"
+# the sinusoid step precompiled, saved and loaded back (compile_step(cache=...)), as a repeated
+# metafunc train runs it: never tried on CUDA before, so a step of its own
+step precompiled-step 60 "$PY" benchmarks/bench_jax.py --no-jax --device "$DEVICE" \
+  --settings sinusoid --modes precompiled --rounds 3 --max-seconds 10 --timeout 110 \
+  --out "$RES/bench_step-precompiled-$TAG.json"
 for s in omniglot-5w1s omniglot-20w1s; do
   step "first-$s" 100 "${driver[@]}" --settings "$s" --impls "$IMPLS" --first-order \
     "${time_args[@]}" --out "$RES/peers-$TAG-$s-first.json"
