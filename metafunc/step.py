@@ -197,7 +197,7 @@ class Step:
         """The whole step: the precompiled one where there is one for these inputs, else
         ``torch.compile``'s."""
         if self.cache is not None and self.precompiled is None:
-            out = self._precompile(state, batch, iteration)
+            out = self._precompile(signature, state, batch, iteration)
             if out is not None:
                 return out
         if self._aot is not None and self._aot[0] == signature:
@@ -216,15 +216,17 @@ class Step:
         return self._whole()(state, _static(batch), iteration)
 
     def _precompile(
-        self, state: StepState, batch: TaskBatch | None, iteration: int
+        self, signature: Any, state: StepState, batch: TaskBatch | None, iteration: int
     ) -> tuple[StepState, dict[str, torch.Tensor]] | None:
         """Load the step from :attr:`cache` (checked against the eager step on these inputs,
         its outputs returned), or compile it ahead of time and save it there (``None``
-        returned: the caller runs it)."""
+        returned: the caller runs it). CUDA graphs (``'reduce-overhead'``) are not saved."""
         assert self.cache is not None
         import torch._dynamo
 
-        signature = next(iter(self._signatures))
+        if self.mode == "reduce-overhead":
+            self.precompiled = "not for CUDA graphs (mode='reduce-overhead')"
+            return None
         with torch._dynamo.config.patch(enable_aot_compile=True):
             if self.cache.is_file():
                 try:
@@ -253,10 +255,18 @@ class Step:
                                options=options)  # fmt: skip
             # the iteration a symbol, so one program serves every iteration (its guards keep
             # any branch on it, as MAML++'s annealing takes)
-            with torch.compiler.config.patch(  # type: ignore[attr-defined]
-                dynamic_sources="L['iteration']"
-            ):
-                compiled = fn.aot_compile(((state, batch, iteration), {}))  # type: ignore[attr-defined]
+            try:
+                with torch.compiler.config.patch(  # type: ignore[attr-defined]
+                    dynamic_sources="L['iteration']"
+                ):
+                    compiled = fn.aot_compile(((state, batch, iteration), {}))  # type: ignore[attr-defined]
+            except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError):
+                raise  # a graph break: the caller names it
+            except Exception as error:  # dynamo's ahead-of-time path is experimental
+                self.precompiled = f"not precompiled ({type(error).__name__}: {error})"
+                warnings.warn(f"compile_step: the step was {self.precompiled}; compiling it "
+                              "without saving.", stacklevel=4)  # fmt: skip
+                return None
         try:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             compiled.save_compiled_function(str(self.cache))  # written atomically
@@ -405,7 +415,8 @@ def compile_step(
             and thread state, not the algorithm's or optimizer's settings: name the file after
             everything the step depends on (``metafunc train`` hashes its config, torch's
             version and metafunc's source). The file is a pickle, like inductor's cache: load
-            only your own.
+            only your own. Where dynamo cannot compile the step ahead of time, or with
+            ``mode='reduce-overhead'`` (CUDA graphs), the step compiles as without ``cache``.
 
     Raises:
         CompileError: at the first call, when the step breaks the graph (named, with the fix).

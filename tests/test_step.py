@@ -255,3 +255,17 @@ def test_a_precompiled_step_keeps_the_branches_on_the_iteration(tmp_path):
     precompiled_run(alg, cache, 5, expect=r"does not cover iteration 3.*L\['iteration'\]")
     step = precompiled_run(alg, cache, 3)
     assert step.precompiled == "loaded"
+
+
+def test_a_step_that_cannot_be_precompiled_compiles_without_saving(tmp_path, monkeypatch):
+    """Dynamo's ahead-of-time path is experimental: where it fails, the step says so and
+    compiles as it would without a cache (and stays exact)."""
+    import torch._dynamo.aot_compile
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("not this time (test)")
+
+    monkeypatch.setattr(torch._dynamo.aot_compile, "aot_compile_fullgraph", fails)
+    cache = tmp_path / "step.bin"
+    step = precompiled_run(SINUSOID["MAML"](), cache, 2, expect="not precompiled.*not this time")
+    assert step.precompiled.startswith("not precompiled") and not cache.exists()
