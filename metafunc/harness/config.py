@@ -490,10 +490,11 @@ _LAKE = {
     "rotate_test": False,
 }  # fmt: skip
 # chosen on the held-out alphabets (docs/reproducing.md): 20-way training episodes within one
-# alphabet (rotated alphabets included) rather than 60-way episodes of any characters
+# alphabet (rotated alphabets included) rather than 60-way episodes of any characters, and a
+# conv4 of 128 channels rather than 64
 _PROTONET_LAKE = {**_PROTONET, **_LAKE, "augment": "affine", "iterations": 40000,
                   "halve_every": 8000, "train_protocol": "within-alphabet",
-                  "train_ways": 20}  # fmt: skip
+                  "train_ways": 20, "hidden": 128}  # fmt: skip
 PRESET_PAPERS: dict[str, str] = {
     "maml-sinusoid": "Finn et al. 2017",
     "baseline-sinusoid": "Finn et al. 2017 (baseline)",
@@ -548,7 +549,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 128, "inner_steps": 100, "eval_inner_steps": 100,
         "report_steps": [0, 100], "iterations": 20000,
     },
-    # Lake et al.'s protocol: ProtoNets with affine stroke distortions, 60-way training episodes
+    # Lake et al.'s protocol: ProtoNets with affine stroke distortions, within-alphabet episodes
     "protonet-omniglot-lake": {**_PROTONET_LAKE},
     "protonet-omniglot-small1": {**_PROTONET_LAKE, "dataset": "omniglot-small1",
                                  "iterations": 20000, "halve_every": 4000},
