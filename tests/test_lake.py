@@ -258,3 +258,32 @@ def test_full_omniglot_has_twenty_drawers_per_character(data_root: Path, tmp_pat
     assert runs.alphabets == 20 and not runs.skipped  # every evaluation alphabet has >= 20
     batch = next(runs.episodes(2, seed=0))
     assert batch.support_x.shape == (2, 20, 1, 28, 28) and batch.query_x.shape == (2, 20, 1, 28, 28)
+
+
+def test_an_ensemble_scores_the_mean_of_its_runs_log_probabilities(root: Path, tmp_path) -> None:
+    """``benchmarks/ensemble.py``: each run alone scores what its own evaluation did, the
+    ensemble scores the same episodes, and runs of another benchmark are refused."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
+        sys.path.insert(0, str(repo))
+    from benchmarks import ensemble
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for seed, run in enumerate(runs):
+        argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run), "--keep-best"]
+        assert main([*argv, "--iterations", "2", "--seed", str(seed)]) == 0
+    result = ensemble.main([*map(str, runs), "--split", "test", "--out", str(tmp_path / "e.json")])
+    for run in runs:
+        own = json.loads((run / "eval.json").read_text())["accuracy"]["0"]["mean"]
+        assert abs(result["error"][str(run)]["mean"] - (1.0 - own)) < 1e-6
+    assert 0.0 <= result["error"]["ensemble"]["mean"] <= 1.0 and result["episodes"] == 6
+    assert json.loads((tmp_path / "e.json").read_text()) == json.loads(json.dumps(result))
+    assert ensemble.main([*map(str, runs), "--split", "validation"])["episodes"] == 5
+    other = tmp_path / "other"
+    argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(other), "--ways", "3"]
+    with pytest.warns(UserWarning, match="Iota \\(2 characters < ways=3\\)"):
+        assert main([*argv, "--iterations", "1"]) == 0
+    with pytest.warns(UserWarning, match="Iota"), pytest.raises(SystemExit, match="differ"):
+        ensemble.main([str(runs[0]), str(other), "--split", "test"])

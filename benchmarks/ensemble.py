@@ -1,0 +1,87 @@
+"""Score an ensemble of trained runs: the mean of their log-probabilities on the same fixed
+episodes (the first run's benchmark), against each run alone.
+
+An ensemble is one of the choices Lake et al.'s protocol allows when it is chosen on the
+held-out background alphabets: ``--split validation`` scores the validation runs every run in
+the ensemble held out, ``--split test`` the 600 test runs. Each run contributes its
+best-on-validation checkpoint (its final one without ``--keep-best``). Prints a table and writes
+JSON; figures and their machine in ``benchmarks/HISTORY.md``.
+
+Usage:
+    python benchmarks/ensemble.py runs/reproduce/protonet-omniglot-lake runs/lake/h64 \\
+        --split validation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metafunc.harness import Config, build, latest_checkpoint, load_checkpoint
+from metafunc.harness.run import BEST, VALIDATION_SEED, init_meta, load_best
+
+
+def log_probs(run_dir: Path, split: str, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log-probabilities [episodes, queries, ways], labels [episodes, queries])`` of a run's
+    checkpoint on the split's fixed episodes."""
+    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
+    run = build(cfg)
+    if (run_dir / BEST).is_file():
+        _, meta = load_best(run, run_dir)
+    else:
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            raise SystemExit(f"ensemble: {run_dir} holds no checkpoint")
+        _, trees, _ = load_checkpoint(last, {"meta": init_meta(run, cfg.seed)})
+        meta = trees["meta"]
+    tasks = run.test_tasks if split == "test" else run.validation_tasks
+    seed = 1234 if split == "test" else VALIDATION_SEED
+    alg = run.eval_algorithm.for_inference()
+    out, labels = [], []
+    with torch.no_grad():
+        for batch in tasks.episodes(episodes, seed, batch_size=cfg.eval_batch):
+            logits = alg.adapt_and_predict(meta, batch, 0)[:, 0]  # [tasks, queries, ways]
+            out.append(torch.log_softmax(logits.double(), -1))
+            labels.append(batch.query_y)
+    return torch.cat(out), torch.cat(labels)
+
+
+def error(logp: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean error over episodes and its 95% interval."""
+    per_episode = 1.0 - (logp.argmax(-1) == labels).double().mean(-1)
+    return float(per_episode.mean()), float(1.96 * per_episode.std() / math.sqrt(len(labels)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders of the same benchmark")
+    parser.add_argument("--split", choices=("validation", "test"), default="validation")
+    parser.add_argument("--episodes", type=int, default=0, help="default: the first run's")
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
+    args = parser.parse_args(argv)
+    first = json.loads((args.runs[0] / "config.json").read_text())
+    episodes = args.episodes or (first["eval_episodes"] if args.split == "test" else
+                                 first["val_episodes"])  # fmt: skip
+    scored = [log_probs(run, args.split, episodes) for run in args.runs]
+    labels = scored[0][1]
+    if any(not torch.equal(labels, other) for _, other in scored):
+        raise SystemExit("ensemble: the runs' episodes differ; pass runs of the same benchmark")
+    rows = {str(run): error(logp, labels) for run, (logp, _) in zip(args.runs, scored, strict=True)}
+    rows["ensemble"] = error(torch.stack([logp for logp, _ in scored]).mean(0), labels)
+    for name, (mean, ci) in rows.items():
+        print(f"{name:60s} error {100 * mean:5.1f} ± {100 * ci:.1f}% ({args.split}, {episodes})")
+    result = {"split": args.split, "episodes": episodes,
+              "error": {k: {"mean": m, "ci95": c} for k, (m, c) in rows.items()}}  # fmt: skip
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
