@@ -14,8 +14,8 @@ state and the in-step sampler's key, one tree, so a checkpoint saves one object)
 Without a sampler, pass each batch: ``state, metrics = step(state, batch, iteration=it)``.
 
 With ``cache=PATH`` a whole step is compiled ahead of time (dynamo's precompile) and saved: a
-later process loads it in about a second, where compiling again, even from inductor's cache,
-retraces the step for several (``metafunc train`` keys the file by its config).
+later process loads the program instead of tracing the step again, which even inductor's cache
+does not spare (``metafunc train`` keys the file by its config).
 """
 
 from __future__ import annotations
@@ -245,13 +245,10 @@ class Step:
                     stacklevel=4,
                 )
 
-            def step(state: StepState, batch: TaskBatch | None, iteration: int) -> Any:
-                return self.eager(state, batch, iteration=iteration)
-
             options: dict[str, Any] = {"guard_filter_fn": _portable_guards}
             if self.backend == "inductor":
                 options.update(torch._inductor.list_mode_options(self.mode))
-            fn = torch.compile(_own_code(step), fullgraph=True, backend=self.backend,
+            fn = torch.compile(self._program(), fullgraph=True, backend=self.backend,
                                options=options)  # fmt: skip
             # the iteration a symbol, so one program serves every iteration (its guards keep
             # any branch on it, as MAML++'s annealing takes)
@@ -278,14 +275,19 @@ class Step:
         self._aot = (signature, compiled)
         return None
 
+    def _program(self) -> Callable[..., Any]:
+        """What the whole step compiles: :meth:`eager` as a function of the inputs alone, with
+        a code object of its own."""
+
+        def step(state: StepState, batch: TaskBatch | None, iteration: int) -> Any:
+            return self.eager(state, batch, iteration=iteration)
+
+        return _own_code(step)
+
     def _whole(self) -> Callable[..., Any]:
         if self._compiled is None:
-
-            def step(state: StepState, batch: TaskBatch | None, iteration: int) -> Any:
-                return self.eager(state, batch, iteration=iteration)
-
             self._compiled = torch.compile(
-                _own_code(step), fullgraph=True, backend=self.backend,
+                self._program(), fullgraph=True, backend=self.backend,
                 mode=self.mode if self.backend == "inductor" else None,
             )  # fmt: skip
         return self._compiled
@@ -440,6 +442,11 @@ def compile_step(
             )
         if isinstance(meta_batch, bool) or not isinstance(meta_batch, int) or meta_batch < 1:
             raise ValueError(f"{call}: with a sampler, meta_batch must be an int >= 1.")
+    if cache is not None and not isinstance(cache, (str, os.PathLike)):
+        raise TypeError(
+            f"{call}: cache is a {type(cache).__qualname__}; pass a file path (str or "
+            "pathlib.Path) for the precompiled step, or None."
+        )
     if mode is not None and algorithm.not_compilable():
         raise ValueError(
             f"{call}: {type(algorithm).__name__} cannot be compiled whole yet "

@@ -269,3 +269,9 @@ def test_a_step_that_cannot_be_precompiled_compiles_without_saving(tmp_path, mon
     cache = tmp_path / "step.bin"
     step = precompiled_run(SINUSOID["MAML"](), cache, 2, expect="not precompiled.*not this time")
     assert step.precompiled.startswith("not precompiled") and not cache.exists()
+
+
+def test_compile_step_names_a_cache_that_is_not_a_path():
+    alg = SINUSOID["MAML"]()
+    with pytest.raises(TypeError, match=r"cache is a int; pass a file path"):
+        mf.compile_step(alg, mf.optim.adam(1e-3), cache=3)  # type: ignore[arg-type]

@@ -37,10 +37,20 @@ def _compile_times() -> Path:
     return default_cache_dir() / "compile-times.json"
 
 
+def _settings(cfg: Config, **also: Any) -> dict[str, Any]:
+    """The config as a compiled step sees it: without its seed, folders and compile choice
+    (and whatever ``also`` sets aside)."""
+    return cfg.replace(seed=0, data_root=None, preset=None, compile="off", **also).to_dict()
+
+
 def _compile_key(cfg: Config) -> str:
-    """What a compiled step depends on: the config but for seeds, lengths and folders."""
-    keep = cfg.replace(seed=0, iterations=1, data_root=None, preset=None, compile="off").to_dict()
-    return json.dumps({**keep, "torch": torch.__version__}, sort_keys=True)
+    """What a compile's time depends on: the settings but for the run's length."""
+    return json.dumps({**_settings(cfg, iterations=1), "torch": torch.__version__}, sort_keys=True)
+
+
+def _recorded() -> dict[str, Any]:
+    """Every config's compile times on this machine."""
+    return json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
 
 
 @functools.cache
@@ -58,11 +68,8 @@ def step_cache(cfg: Config) -> Path:
     ``cache``), named by everything the step's program bakes in: the config but for its seed
     and folders (the length stays: the outer schedule depends on it), torch's and Python's
     versions, and metafunc's source."""
-    keep = cfg.replace(seed=0, data_root=None, preset=None, compile="off").to_dict()
-    key = json.dumps(
-        {**keep, "torch": torch.__version__, "python": sys.version, "source": source_digest()},
-        sort_keys=True,
-    )
+    versions = {"torch": torch.__version__, "python": sys.version, "source": source_digest()}
+    key = json.dumps({**_settings(cfg), **versions}, sort_keys=True)
     return default_cache_dir() / "steps" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.bin"
 
 
@@ -82,7 +89,7 @@ def remember_compile(cfg: Config, step: Step, compile_s: float, compiled_ms: flo
     per compiled step) for ``'auto'`` to expect next time; returns how it compiled:
     ``'loaded'`` (the precompiled step from :func:`step_cache`), ``'cold'`` (the first of this
     config) or ``'warm'`` (from inductor's cache)."""
-    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
+    known = _recorded()
     seen = known.get(_compile_key(cfg), {})
     how = "loaded" if step.precompiled == "loaded" else "warm" if seen else "cold"
     known[_compile_key(cfg)] = {
@@ -98,8 +105,7 @@ def remember_compile(cfg: Config, step: Step, compile_s: float, compiled_ms: flo
 def expected_compile_s(cfg: Config) -> float:
     """What compiling ``cfg``'s step should cost here: loading it, when it is precompiled;
     else the last compile from inductor's cache, a fraction of a cold one, or a guess."""
-    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
-    seen = known.get(_compile_key(cfg), {})
+    seen = _recorded().get(_compile_key(cfg), {})
     if step_cache(cfg).is_file():
         return float(seen.get("loaded_s", LOAD_GUESS_S))
     if "warm_s" in seen:
@@ -143,11 +149,10 @@ def resolve_compile(
     ms_per_step(eager)  # warm-up
     eager_ms = ms_per_step(eager)
     record: dict[str, Any] = {"eager_ms": round(eager_ms, 4), "remaining": remaining}
-    known = json.loads(_compile_times().read_text()) if _compile_times().is_file() else {}
     expected = expected_compile_s(cfg)
     whole = run.algorithm.tasks_per_graph(batch, mt.device_of(meta)) >= batch.num_tasks
     credit = CACHED_CREDIT if whole else 1.0
-    saving_ms = eager_ms - known.get(_compile_key(cfg), {}).get("compiled_ms", 0.0)
+    saving_ms = eager_ms - _recorded().get(_compile_key(cfg), {}).get("compiled_ms", 0.0)
     if credit * remaining * saving_ms / 1e3 <= expected:
         record.update(choice="off", expected_compile_s=round(expected, 1), why=(
             f"compiling (about {expected:.1f} s) would not pay back over {remaining} steps of "
