@@ -261,8 +261,9 @@ def run_all(
 def combine_rounds(rounds: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
     """One result per impl from several rounds of ``run_all``: the first round's result (its
     gradient, which every round computes alike) with ``median_ms`` the median of the rounds'
-    medians, ``round_medians_ms`` each round's, the largest peak memory and the mean steal. An
-    impl that failed in any round keeps that round's failure."""
+    medians, ``round_medians_ms`` each round's, the largest peak memory (each round's peak
+    increase in ``round_peak_increase_mib``: RSS moves by a tenth between identical processes)
+    and the mean steal. An impl that failed in any round keeps that round's failure."""
     out: dict[str, dict[str, Any]] = {}
     for impl in rounds[0]:
         runs = [r[impl] for r in rounds]
@@ -279,6 +280,9 @@ def combine_rounds(rounds: Sequence[Mapping[str, Mapping[str, Any]]]) -> dict[st
         for key in ("peak_memory_mib", "peak_memory_increase_mib"):
             if all(r.get(key) is not None for r in runs):
                 combined[key] = max(r[key] for r in runs)
+        increases = [r.get("peak_memory_increase_mib") for r in runs]
+        if all(m is not None for m in increases):
+            combined["round_peak_increase_mib"] = increases
         steals = [r["cpu_steal_fraction"] for r in runs if r.get("cpu_steal_fraction") is not None]
         combined["cpu_steal_fraction"] = sum(steals) / len(steals) if steals else None
         out[impl] = combined
@@ -416,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             row["allocator"] = res.get("allocator")
             if res.get("round_medians_ms"):
                 row["round_medians_ms"] = [round(m, 1) for m in res["round_medians_ms"]]
+            if res.get("round_peak_increase_mib"):
+                row["round_peak_increase_mib"] = [round(m) for m in res["round_peak_increase_mib"]]
             summary.append(row)
     if args.check:
         cols = ["setting", "impl", "backward", "status", "loss_rel_err", "grad_rel_err"]

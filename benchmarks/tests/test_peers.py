@@ -245,7 +245,8 @@ def test_compare_gradients_flags_a_wrong_tensor(tmp_path: Path) -> None:
 def test_rounds_combine_to_median_of_medians_and_ratio_spread() -> None:
     def run(ms: float, mem: float = 100.0, steal: float = 0.0) -> dict:
         return {"status": "ok", "median_ms": ms, "tasks_per_s": 32000 / ms,
-                "peak_memory_mib": mem, "cpu_steal_fraction": steal}  # fmt: skip
+                "peak_memory_mib": mem, "peak_memory_increase_mib": mem - 40,
+                "cpu_steal_fraction": steal}  # fmt: skip
 
     rounds = [
         {"plain": run(100), "metafunc": run(80, mem=50), "torchopt": run(90)},
@@ -256,6 +257,7 @@ def test_rounds_combine_to_median_of_medians_and_ratio_spread() -> None:
     assert combined["plain"]["median_ms"] == 110 and combined["plain"]["tasks_per_s"] == 32000 / 110
     assert combined["plain"]["round_medians_ms"] == [100, 130, 110]
     assert combined["metafunc"]["median_ms"] == 80 and combined["metafunc"]["peak_memory_mib"] == 60
+    assert combined["metafunc"]["round_peak_increase_mib"] == [10, 20, 15]
     assert combined["torchopt"]["status"] == "error"  # a failure in any round is reported
     ok = combine_rounds(rounds[:2])
     assert ok["torchopt"]["median_ms"] == 105 and ok["torchopt"]["cpu_steal_fraction"] == 0.1
