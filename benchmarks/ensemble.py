@@ -22,29 +22,19 @@ from typing import Any
 
 import torch
 
-from metafunc.harness import Config, build, latest_checkpoint, load_checkpoint
-from metafunc.harness.run import BEST, VALIDATION_SEED, init_meta, load_best
+from metafunc.harness.run import TEST_SEED, VALIDATION_SEED, load_run
 
 
 def log_probs(run_dir: Path, split: str, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log-probabilities [episodes, queries, ways], labels [episodes, queries])`` of a run's
     checkpoint on the split's fixed episodes."""
-    cfg = Config.from_dict(json.loads((run_dir / "config.json").read_text()))
-    run = build(cfg)
-    if (run_dir / BEST).is_file():
-        _, meta = load_best(run, run_dir)
-    else:
-        last = latest_checkpoint(run_dir)
-        if last is None:
-            raise SystemExit(f"ensemble: {run_dir} holds no checkpoint")
-        _, trees, _ = load_checkpoint(last, {"meta": init_meta(run, cfg.seed)})
-        meta = trees["meta"]
+    run, meta, _ = load_run(run_dir)
     tasks = run.test_tasks if split == "test" else run.validation_tasks
-    seed = 1234 if split == "test" else VALIDATION_SEED
+    seed = TEST_SEED if split == "test" else VALIDATION_SEED
     alg = run.eval_algorithm.for_inference()
     out, labels = [], []
     with torch.no_grad():
-        for batch in tasks.episodes(episodes, seed, batch_size=cfg.eval_batch):
+        for batch in tasks.episodes(episodes, seed, batch_size=run.config.eval_batch):
             logits = alg.adapt_and_predict(meta, batch, 0)[:, 0]  # [tasks, queries, ways]
             out.append(torch.log_softmax(logits.double(), -1))
             labels.append(batch.query_y)

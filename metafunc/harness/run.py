@@ -367,12 +367,17 @@ def _check_finite(
     )
 
 
+#: The seed of the fixed test episodes every evaluation of a run scores (``metafunc eval``'s
+#: ``--seed`` default).
+TEST_SEED = 1234
+
+
 def evaluate(
     run: Run,
     meta: Any,
     *,
     episodes: int | None = None,
-    seed: int = 1234,
+    seed: int = TEST_SEED,
     split: str = "test",
 ) -> dict[str, Any]:
     """The standard protocol: a fixed, seeded set of test episodes (``split='validation'``: of
