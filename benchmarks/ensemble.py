@@ -21,24 +21,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from metafunc.harness.run import TEST_SEED, VALIDATION_SEED, load_run
 
 
-def log_probs(run_dir: Path, split: str, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log-probabilities [episodes, queries, ways], labels [episodes, queries])`` of a run's
-    checkpoint on the split's fixed episodes."""
+def log_probs(
+    run_dir: Path, split: str, episodes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(log-probabilities [episodes, queries, ways], labels [episodes, queries], fingerprint)``
+    of a run's checkpoint on the split's fixed episodes. The fingerprint, each episode's support
+    images pooled to 7x7 ``[episodes, -1]``, identifies the episodes whatever the run's image
+    size: labels alone cannot (every episode's are ``0..ways-1``)."""
     run, meta, _ = load_run(run_dir)
     tasks = run.test_tasks if split == "test" else run.validation_tasks
     seed = TEST_SEED if split == "test" else VALIDATION_SEED
     alg = run.eval_algorithm.for_inference()
-    out, labels = [], []
+    out, labels, prints = [], [], []
     with torch.no_grad():
         for batch in tasks.episodes(episodes, seed, batch_size=run.config.eval_batch):
             logits = alg.adapt_and_predict(meta, batch, 0)[:, 0]  # [tasks, queries, ways]
             out.append(torch.log_softmax(logits.double(), -1))
             labels.append(batch.query_y)
-    return torch.cat(out), torch.cat(labels)
+            pooled = F.adaptive_avg_pool2d(batch.support_x.flatten(0, 1).double(), 7)
+            prints.append(pooled.reshape(len(batch.support_x), -1))
+    return torch.cat(out), torch.cat(labels), torch.cat(prints)
+
+
+def same_episodes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two fingerprints are of the same episodes: equal shapes, and every episode's
+    pooled images correlated above 0.9 (resizing and normalisation change them only a little;
+    other characters do not correlate so)."""
+    if a.shape != b.shape:
+        return False
+    a, b = a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True)
+    corr = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-12)
+    return bool((corr > 0.9).all())
 
 
 def error(logp: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -58,11 +76,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     episodes = args.episodes or (first["eval_episodes"] if args.split == "test" else
                                  first["val_episodes"])  # fmt: skip
     scored = [log_probs(run, args.split, episodes) for run in args.runs]
-    labels = scored[0][1]
-    if any(not torch.equal(labels, other) for _, other in scored):
-        raise SystemExit("ensemble: the runs' episodes differ; pass runs of the same benchmark")
-    rows = {str(run): error(logp, labels) for run, (logp, _) in zip(args.runs, scored, strict=True)}
-    rows["ensemble"] = error(torch.stack([logp for logp, _ in scored]).mean(0), labels)
+    _, labels, prints = scored[0]
+    for run, (_, other, other_prints) in zip(args.runs, scored, strict=True):
+        if not torch.equal(labels, other) or not same_episodes(prints, other_prints):
+            raise SystemExit(
+                f"ensemble: the episodes of {run} differ from those of {args.runs[0]}; pass runs "
+                "of one benchmark, protocol, ways and shots (image sizes may differ)"
+            )
+    rows = {
+        str(run): error(logp, labels) for run, (logp, *_) in zip(args.runs, scored, strict=True)
+    }
+    rows["ensemble"] = error(torch.stack([logp for logp, *_ in scored]).mean(0), labels)
     for name, (mean, ci) in rows.items():
         print(f"{name:60s} error {100 * mean:5.1f} ± {100 * ci:.1f}% ({args.split}, {episodes})")
     result = {"split": args.split, "episodes": episodes,

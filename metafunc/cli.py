@@ -91,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="test episodes (default: the run's eval_episodes)",
     )
-    ev.add_argument("--seed", type=int, default=1234, help="seed of the test episodes")
+    ev.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the test episodes (default: the one every evaluation of a run uses)",
+    )
     ev.add_argument(
         "--protocol",
         choices=PROTOCOLS,
@@ -227,7 +232,8 @@ def _eval(args: argparse.Namespace) -> int:
     changes = {k: v for k, v in (("protocol", args.protocol), ("dataset", args.dataset),
                                  ("data_root", args.data_root)) if v is not None}  # fmt: skip
     run, meta, checkpoint = load_run(args.run_dir, **changes)
-    results = evaluate(run, meta, episodes=args.episodes, seed=args.seed)
+    seed = {} if args.seed is None else {"seed": args.seed}  # default: evaluate's TEST_SEED
+    results = evaluate(run, meta, episodes=args.episodes, **seed)
     results["checkpoint"] = checkpoint
     name = f"eval-{args.dataset}.json" if args.dataset else "eval.json"
     if args.protocol:

@@ -287,3 +287,23 @@ def test_an_ensemble_scores_the_mean_of_its_runs_log_probabilities(root: Path, t
         assert main([*argv, "--iterations", "1"]) == 0
     with pytest.warns(UserWarning, match="Iota"), pytest.raises(SystemExit, match="differ"):
         ensemble.main([str(runs[0]), str(other), "--split", "test"])
+
+
+def test_an_ensemble_tells_episodes_apart_by_their_images_not_their_labels() -> None:
+    """``benchmarks/ensemble.py``'s episode check: the same episodes at another image size and
+    normalisation agree, other episodes of the same shape (same labels) do not."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
+        sys.path.insert(0, str(repo))
+    from benchmarks.ensemble import same_episodes
+
+    gen = torch.Generator().manual_seed(0)
+    images = (torch.rand(6, 20, 1, 28, 28, generator=gen) > 0.8).double()
+    pooled = torch.nn.functional.adaptive_avg_pool2d(images.flatten(0, 1), 7).reshape(6, -1)
+    big = torch.nn.functional.interpolate(images.flatten(0, 1), size=56, mode="bilinear")
+    resized = torch.nn.functional.adaptive_avg_pool2d(big, 7).reshape(6, -1)
+    assert same_episodes(pooled, 3.0 * resized - 1.0)
+    assert not same_episodes(pooled, pooled.roll(1, dims=0))
+    assert not same_episodes(pooled, pooled[:5])
