@@ -15,6 +15,7 @@ from metafunc.cli import main
 from metafunc.data import (
     ClassImages,
     EpisodeSampler,
+    TaskBatch,
     WithinAlphabetRuns,
     get_benchmark,
     load_omniglot,
@@ -307,3 +308,40 @@ def test_an_ensemble_tells_episodes_apart_by_their_images_not_their_labels() -> 
     assert same_episodes(pooled, 3.0 * resized - 1.0)
     assert not same_episodes(pooled, pooled.roll(1, dims=0))
     assert not same_episodes(pooled, pooled[:5])
+
+
+def test_test_time_views_add_distorted_copies_after_the_originals(root: Path, tmp_path) -> None:
+    """``benchmarks/ensemble.py``'s test-time augmentation: the support set gains distorted
+    copies with their labels, the query set view after view, the originals first; zero views
+    change nothing, and a run scored with views still scores every query once."""
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
+        sys.path.insert(0, str(repo))
+    from benchmarks import ensemble
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, 1, 28, 28, generator=gen) > 0.8).double()
+    y = torch.arange(3).expand(2, 3)
+    batch = TaskBatch(x, y, x.flip(-1), y)
+    same = ensemble.with_views(batch, 0, 0, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(same, batch, strict=True))
+    viewed = ensemble.with_views(batch, 2, 1, torch.Generator().manual_seed(1))
+    assert viewed.support_x.shape == (2, 9, 1, 28, 28) and viewed.query_x.shape == (2, 6, 1, 28, 28)
+    assert torch.equal(viewed.support_x[:, :3], x)
+    assert torch.equal(viewed.query_x[:, :3], x.flip(-1))
+    assert torch.equal(viewed.support_y, torch.arange(3).repeat(3).expand(2, 9))
+    assert not torch.allclose(viewed.support_x[:, 3:6], x)  # distorted, each copy its own map
+    assert not torch.allclose(viewed.support_x[:, 3:6], viewed.support_x[:, 6:])
+    again = ensemble.with_views(batch, 2, 1, torch.Generator().manual_seed(1))
+    assert torch.equal(again.support_x, viewed.support_x)  # seeded: every run sees the same
+
+    run = tmp_path / "a"
+    argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run)]
+    assert main([*argv, "--iterations", "2"]) == 0
+    result = ensemble.main([str(run), "--split", "test", "--support-views", "2",
+                            "--query-views", "2"])  # fmt: skip
+    assert (result["support_views"], result["query_views"]) == (2, 2)
+    logp, labels, _ = ensemble.log_probs(run, "test", 6, 2, 2)
+    assert logp.shape[:2] == labels.shape == (6, 2) and bool((logp <= 0).all())
