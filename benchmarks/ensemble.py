@@ -5,8 +5,9 @@ An ensemble is one of the choices Lake et al.'s protocol allows when it is chose
 held-out background alphabets: ``--split validation`` scores the validation runs every run in
 the ensemble held out, ``--split test`` the 600 test runs. Each run contributes its
 best-on-validation checkpoint (its final one without ``--keep-best``). ``--support-views`` and
-``--query-views`` add test-time augmentation, another such choice (:func:`with_views`). Prints a
-table and writes JSON; figures and their machine in ``benchmarks/HISTORY.md``.
+``--query-views`` add test-time augmentation, another such choice (:func:`with_views`);
+``--search`` scores every subset of the runs as well, best first, to choose one on validation.
+Prints a table and writes JSON; figures and their machine in ``benchmarks/HISTORY.md``.
 
 Usage:
     python benchmarks/ensemble.py runs/reproduce/protonet-omniglot-lake runs/lake/h64 \\
@@ -16,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 from pathlib import Path
@@ -111,12 +113,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=0,
         help="distorted copies each query's prediction is averaged over",
     )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="score every subset of the runs too, best first (on validation)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     args = parser.parse_args(argv)
+    views = (args.support_views, args.query_views)
+    if min(views) < 0:
+        parser.error(f"--support-views {views[0]} --query-views {views[1]}: counts are >= 0")
     first = json.loads((args.runs[0] / "config.json").read_text())
     episodes = args.episodes or (first["eval_episodes"] if args.split == "test" else
                                  first["val_episodes"])  # fmt: skip
-    views = (args.support_views, args.query_views)
     scored = [log_probs(run, args.split, episodes, *views) for run in args.runs]
     _, labels, prints = scored[0]
     for run, (_, other, other_prints) in zip(args.runs, scored, strict=True):
@@ -129,6 +138,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         str(run): error(logp, labels) for run, (logp, *_) in zip(args.runs, scored, strict=True)
     }
     rows["ensemble"] = error(torch.stack([logp for logp, *_ in scored]).mean(0), labels)
+    if args.search:  # the subsets of two runs or more, short of all of them ("ensemble")
+        for n in range(2, len(scored)):
+            for subset in itertools.combinations(range(len(scored)), n):
+                logp = torch.stack([scored[i][0] for i in subset]).mean(0)
+                rows[" + ".join(str(args.runs[i]) for i in subset)] = error(logp, labels)
+        rows = dict(sorted(rows.items(), key=lambda row: row[1][0]))
     for name, (mean, ci) in rows.items():
         print(f"{name:60s} error {100 * mean:5.1f} ± {100 * ci:.1f}% ({args.split}, {episodes})")
     result = {"split": args.split, "episodes": episodes, "support_views": args.support_views,

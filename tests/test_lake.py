@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -261,16 +263,20 @@ def test_full_omniglot_has_twenty_drawers_per_character(data_root: Path, tmp_pat
     assert batch.support_x.shape == (2, 20, 1, 28, 28) and batch.query_x.shape == (2, 20, 1, 28, 28)
 
 
-def test_an_ensemble_scores_the_mean_of_its_runs_log_probabilities(root: Path, tmp_path) -> None:
-    """``benchmarks/ensemble.py``: each run alone scores what its own evaluation did, the
-    ensemble scores the same episodes, and runs of another benchmark are refused."""
-    import sys
-
+def ensemble_script() -> Any:
+    """``benchmarks/ensemble.py`` as a module (``benchmarks/`` is not an installed package)."""
     repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
+    if str(repo) not in sys.path:
         sys.path.insert(0, str(repo))
     from benchmarks import ensemble
 
+    return ensemble
+
+
+def test_an_ensemble_scores_the_mean_of_its_runs_log_probabilities(root: Path, tmp_path) -> None:
+    """``benchmarks/ensemble.py``: each run alone scores what its own evaluation did, the
+    ensemble scores the same episodes, and runs of another benchmark are refused."""
+    ensemble = ensemble_script()
     runs = [tmp_path / "a", tmp_path / "b"]
     for seed, run in enumerate(runs):
         argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run), "--keep-best"]
@@ -293,13 +299,7 @@ def test_an_ensemble_scores_the_mean_of_its_runs_log_probabilities(root: Path, t
 def test_an_ensemble_tells_episodes_apart_by_their_images_not_their_labels() -> None:
     """``benchmarks/ensemble.py``'s episode check: the same episodes at another image size and
     normalisation agree, other episodes of the same shape (same labels) do not."""
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
-        sys.path.insert(0, str(repo))
-    from benchmarks.ensemble import same_episodes
-
+    same_episodes = ensemble_script().same_episodes
     gen = torch.Generator().manual_seed(0)
     images = (torch.rand(6, 20, 1, 28, 28, generator=gen) > 0.8).double()
     pooled = torch.nn.functional.adaptive_avg_pool2d(images.flatten(0, 1), 7).reshape(6, -1)
@@ -314,13 +314,7 @@ def test_test_time_views_add_distorted_copies_after_the_originals(root: Path, tm
     """``benchmarks/ensemble.py``'s test-time augmentation: the support set gains distorted
     copies with their labels, the query set view after view, the originals first; zero views
     change nothing, and a run scored with views still scores every query once."""
-    import sys
-
-    repo = Path(__file__).resolve().parents[1]
-    if str(repo) not in sys.path:  # benchmarks/ is not an installed package
-        sys.path.insert(0, str(repo))
-    from benchmarks import ensemble
-
+    ensemble = ensemble_script()
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(2, 3, 1, 28, 28, generator=gen) > 0.8).double()
     y = torch.arange(3).expand(2, 3)
@@ -345,3 +339,26 @@ def test_test_time_views_add_distorted_copies_after_the_originals(root: Path, tm
     assert (result["support_views"], result["query_views"]) == (2, 2)
     logp, labels, _ = ensemble.log_probs(run, "test", 6, 2, 2)
     assert logp.shape[:2] == labels.shape == (6, 2) and bool((logp <= 0).all())
+
+
+def test_an_ensemble_search_scores_every_subset_best_first(root: Path, tmp_path) -> None:
+    """``benchmarks/ensemble.py --search``: every subset of three runs is scored, each as the
+    ensemble of that subset alone would be, and the rows come best first."""
+    ensemble = ensemble_script()
+    runs = [tmp_path / name for name in "abc"]
+    for seed, run in enumerate(runs):
+        argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run)]
+        assert main([*argv, "--iterations", "2", "--seed", str(seed)]) == 0
+    errors = ensemble.main([*map(str, runs), "--split", "test", "--search"])["error"]
+    assert len(errors) == 7  # three runs alone, three pairs, all three
+    means = [row["mean"] for row in errors.values()]
+    assert means == sorted(means)
+    pair = ensemble.main([str(runs[0]), str(runs[2]), "--split", "test"])["error"]["ensemble"]
+    assert errors[f"{runs[0]} + {runs[2]}"] == pair
+
+
+def test_an_ensemble_refuses_negative_views(capsys) -> None:
+    ensemble = ensemble_script()
+    with pytest.raises(SystemExit):
+        ensemble.main(["runs/none", "--query-views", "-1"])
+    assert "--query-views -1: counts are >= 0" in capsys.readouterr().err
