@@ -155,9 +155,10 @@ def test_within_alphabet_training_episodes_rotate_and_distort(root: Path) -> Non
         get_benchmark("omniglot-lake", root, train_protocol="lake")
 
 
-def test_affine_distortion_is_seeded_and_spares_evaluation(root: Path) -> None:
+@pytest.mark.parametrize("augment", ["affine", "elastic"])
+def test_distortion_is_seeded_and_spares_evaluation(root: Path, augment: str) -> None:
     plain = get_benchmark("omniglot-lake", root, ways=3, queries=1).train
-    bent = get_benchmark("omniglot-lake", root, ways=3, queries=1, augment="affine").train
+    bent = get_benchmark("omniglot-lake", root, ways=3, queries=1, augment=augment).train
     a = bent.sample(4, torch.Generator().manual_seed(0))
     b = bent.sample(4, torch.Generator().manual_seed(0))
     c = plain.sample(4, torch.Generator().manual_seed(0))
@@ -167,9 +168,31 @@ def test_affine_distortion_is_seeded_and_spares_evaluation(root: Path) -> None:
     same = [torch.equal(x.support_x, y.support_x)
             for x, y in zip(bent.episodes(4, 0), plain.episodes(4, 0), strict=True)]  # fmt: skip
     assert all(same)
-    with pytest.raises(ValueError, match=r"augment='elastic'; use one of \('none', 'affine'\)"):
+    with pytest.raises(ValueError, match=r"augment='cutout'; use one of \('none', 'affine', 'e"):
         EpisodeSampler(torch.zeros(3, 2, 4, 4, dtype=torch.uint8), ways=2, shots=1, queries=1,
-                       augment="elastic")  # fmt: skip
+                       augment="cutout")  # fmt: skip
+
+
+def test_elastic_fields_bend_drawings_alike_at_every_size() -> None:
+    """Simard et al.'s field: about a pixel of 28 on average, the same share of the image at 56
+    px, smooth (neighbouring pixels move together), seeded; ``elastic=True`` adds it to the
+    affine map drawn first, so the two distortions of one seed differ by the field alone."""
+    from metafunc.data.sampler import distort, elastic_field
+
+    small = elastic_field(400, 28, 28, torch.Generator().manual_seed(0))
+    large = elastic_field(400, 56, 56, torch.Generator().manual_seed(0))
+    assert small.shape == (400, 28, 28, 2) and large.shape == (400, 56, 56, 2)
+    assert 0.5 < float(small.abs().mean()) * 14 < 2.0  # grid units (2 per side) to pixels of 28
+    assert abs(float(large.abs().mean()) / float(small.abs().mean()) - 1) < 0.1
+    step = (small[:, 1:] - small[:, :-1]).abs().mean()
+    assert float(step) < 0.2 * float(small.abs().mean())  # smooth, unlike per-pixel noise
+    assert torch.equal(small, elastic_field(400, 28, 28, torch.Generator().manual_seed(0)))
+    x = torch.zeros(2, 1, 28, 28)
+    x[:, :, 8:20, 13:15] = 1.0  # a vertical stroke
+    affine = distort(x, torch.Generator().manual_seed(1))
+    bent = distort(x, torch.Generator().manual_seed(1), elastic=True)
+    assert not torch.allclose(affine, bent)
+    assert abs(float(bent.sum() - affine.sum())) < 0.5 * float(affine.sum())  # bent, not lost
 
 
 TRAIN = ["train", "--algorithm", "protonet", "--dataset", "omniglot-lake", "--ways", "2",

@@ -58,7 +58,7 @@ class WithinAlphabetRuns:
             ``"<set>/<Alphabet>/characterNN"`` (as :func:`~metafunc.data.load_omniglot` makes).
         ways, shots, queries: characters per run, and support / query drawers per character.
         rotations: angles (multiples of 90) whose rotated alphabets join the runs' alphabets.
-        augment: ``"affine"``: :meth:`sample` distorts every image
+        augment: ``"affine"`` or ``"elastic"``: :meth:`sample` distorts every image
             (:func:`~metafunc.data.sampler.distort`); ``"none"`` (default).
         mean, std, device, dtype: as :class:`~metafunc.data.EpisodeSampler`.
 

@@ -20,7 +20,7 @@ from metafunc.data.dataset import ClassImages
 
 __all__ = ["AUGMENTATIONS", "EpisodeSampler", "TaskSampler", "distort"]
 
-AUGMENTATIONS = ("none", "affine")
+AUGMENTATIONS = ("none", "affine", "elastic")
 
 # storage="auto"'s cap on the float copy, bytes: speed vs memory, HISTORY "sampler float storage"
 _FLOAT_LIMIT = 512 << 20
@@ -79,7 +79,8 @@ class EpisodeSampler:
         augment: ``"affine"`` distorts every image of :meth:`sample` by its own random affine
             map (rotation ±10°, shear ±0.3, scale 0.8-1.2 per axis, shift ±2/28 of the side, as
             Koch et al.'s Siamese networks and Lake et al.'s strokes are distorted): new drawings
-            of the same character for training; ``"none"`` (default). :meth:`episodes`, the
+            of the same character for training; ``"elastic"`` adds Simard et al.'s elastic
+            deformation to each map (:func:`distort`); ``"none"`` (default). :meth:`episodes`, the
             evaluation episodes, are never distorted.
         storage: ``"uint8"`` keeps the images as bytes and normalises each batch after the gather;
             ``"float"`` normalises all images once, so a batch is a single gather (faster, at
@@ -319,7 +320,10 @@ class EpisodeSampler:
         ``generator``): training batches, never :meth:`episodes`."""
         if self.augment == "none":
             return batch
-        return TaskBatch(*(distort(x, generator) if x.is_floating_point() else x for x in batch))
+        elastic = self.augment == "elastic"
+        return TaskBatch(
+            *(distort(x, generator, elastic=elastic) if x.is_floating_point() else x for x in batch)
+        )
 
     def gather(self, rows: torch.Tensor) -> TaskBatch:
         """The tasks whose images are at ``rows`` ``[T, N, K + Q]`` (row ``class * examples +
@@ -346,9 +350,11 @@ class EpisodeSampler:
         return x if self._shift is None else x.sub_(self._shift)
 
 
-def distort(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def distort(x: torch.Tensor, generator: torch.Generator, *, elastic: bool = False) -> torch.Tensor:
     """Every image of ``x [..., C, H, W]`` under its own random affine map (``augment='affine'``
-    of :class:`EpisodeSampler`), bilinear, zero outside (black, Omniglot's background)."""
+    of :class:`EpisodeSampler`), bilinear, zero outside (black, Omniglot's background);
+    ``elastic=True`` (``augment='elastic'``) moves every pixel of the map further by
+    :func:`elastic_field`, bending strokes as a hand would rather than only the whole drawing."""
     shape = x.shape
     flat = x.reshape(-1, *shape[-3:])
     n, device = flat.shape[0], generator.device
@@ -366,8 +372,31 @@ def distort(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     skew[:, 0, 1], skew[:, 1, 0] = shear[:, 0], shear[:, 1]
     theta = torch.cat([rotate @ skew / scale.unsqueeze(1), shift.unsqueeze(-1)], -1)
     grid = torch.nn.functional.affine_grid(theta.to(x), list(flat.shape), align_corners=False)
+    if elastic:
+        grid = grid + elastic_field(n, shape[-2], shape[-1], generator).to(grid)
     out = torch.nn.functional.grid_sample(flat, grid.to(x.device), align_corners=False)
     return out.reshape(shape)
+
+
+def elastic_field(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` random displacement fields ``[n, H, W, 2]`` in ``grid_sample``'s units (2 per side):
+    Simard et al. (2003)'s elastic deformation, uniform noise in ``[-1, 1]`` per pixel and axis
+    smoothed by a Gaussian of σ = 4 px and scaled by α = 34 px, their values for 28 px digits.
+    The field is drawn at 28 px on the short side and resized, so a drawing bends alike at every
+    image size."""
+    device = generator.device
+    h, w = 28, max(1, round(28 * width / height))
+    sigma, radius = 4.0, 12
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    noise = 2 * torch.rand(n * 2, 1, h, w, generator=generator, device=device) - 1
+    noise = torch.nn.functional.conv2d(noise, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    noise = torch.nn.functional.conv2d(noise, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    field = noise.view(n, 2, h, w) * (34.0 * 2 / 28)
+    if (h, w) != (height, width):
+        field = torch.nn.functional.interpolate(field, size=(height, width), mode="bilinear")
+    return field.permute(0, 2, 3, 1)
 
 
 def _distinct(

@@ -30,7 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile'
 COMPILE_CHOICES = ("auto", "off", *COMPILE_MODES)
 PRECISIONS = ("default", "ieee", "tf32", "bf16")
 PROTOCOLS = ("random", "within-alphabet")  # metafunc.data.PROTOCOLS, without importing torch
-AUGMENTATIONS = ("none", "affine")  # metafunc.data.AUGMENTATIONS
+AUGMENTATIONS = ("none", "affine", "elastic")  # metafunc.data.AUGMENTATIONS
 HEADS = ("svm", "ridge")  # MetaOptNet's
 KERNELS = ("auto", "reference", "cpu")  # metafunc.models.base.KERNELS, and auto
 
@@ -50,7 +50,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "download": ("task", "fetch Omniglot's official zips (md5-checked) into --data-root"),
     "rotate_test": ("task", "Omniglot: test classes rotated by 90-degree multiples as new ones"),
     "protocol": ("task", "Omniglot evaluation: random episodes, or Lake et al.'s runs"),
-    "augment": ("task", "Omniglot: training images distorted by random affine maps"),
+    "augment": ("task", "Omniglot: training images distorted: affine maps, + elastic bends"),
     "train_protocol": ("task", "Omniglot training episodes: random, or within one alphabet"),
     "image_size": ("task", "image side in pixels (default: the benchmark's, Omniglot 28)"),
     "validation_alphabets": ("task", "Omniglot Lake splits: alphabets held out to validate"),
