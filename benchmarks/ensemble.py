@@ -39,7 +39,8 @@ def with_views(
     """``batch`` with ``support_views`` distorted copies of every support image added to the
     support set (labels repeated, so a prototype or an inner step sees them all) and
     ``query_views`` distorted copies of every query image appended to the query set, view after
-    view; the distortions are training's (``augment='affine'``)."""
+    view; the distortions are ``augment='affine'``'s random affine maps, whatever the run
+    trained with."""
 
     def copies(x: torch.Tensor, n: int) -> torch.Tensor:
         return torch.cat([x] + [distort(x, generator) for _ in range(n)], 1)

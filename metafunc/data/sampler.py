@@ -386,7 +386,8 @@ def elastic_field(n: int, height: int, width: int, generator: torch.Generator) -
     image size."""
     device = generator.device
     h, w = 28, max(1, round(28 * width / height))
-    sigma, radius = 4.0, 12
+    sigma = 4.0
+    radius = int(3 * sigma)  # the kernel's half-width, three standard deviations
     t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
     kernel = torch.exp(-(t**2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
