@@ -34,16 +34,21 @@ VIEW_SEED = 7  # the affine maps of the test-time views (the same for every run)
 
 
 def with_views(
-    batch: TaskBatch, support_views: int, query_views: int, generator: torch.Generator
+    batch: TaskBatch,
+    support_views: int,
+    query_views: int,
+    generator: torch.Generator,
+    *,
+    elastic: bool = False,
 ) -> TaskBatch:
     """``batch`` with ``support_views`` distorted copies of every support image added to the
     support set (labels repeated, so a prototype or an inner step sees them all) and
     ``query_views`` distorted copies of every query image appended to the query set, view after
-    view; the distortions are ``augment='affine'``'s random affine maps, whatever the run
-    trained with."""
+    view; the distortions are :func:`~metafunc.data.sampler.distort`'s, affine maps or, with
+    ``elastic``, affine maps bent further (``--view-augment``), whatever the run trained with."""
 
     def copies(x: torch.Tensor, n: int) -> torch.Tensor:
-        return torch.cat([x] + [distort(x, generator) for _ in range(n)], 1)
+        return torch.cat([x] + [distort(x, generator, elastic=elastic) for _ in range(n)], 1)
 
     support_y = batch.support_y.repeat(1, support_views + 1)
     query_y = batch.query_y.repeat(1, query_views + 1)
@@ -52,7 +57,12 @@ def with_views(
 
 
 def log_probs(
-    run_dir: Path, split: str, episodes: int, support_views: int = 0, query_views: int = 0
+    run_dir: Path,
+    split: str,
+    episodes: int,
+    support_views: int = 0,
+    query_views: int = 0,
+    elastic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(log-probabilities [episodes, queries, ways], labels [episodes, queries], fingerprint)``
     of a run's checkpoint on the split's fixed episodes. The fingerprint, each episode's support
@@ -70,7 +80,7 @@ def log_probs(
     generator = torch.Generator().manual_seed(VIEW_SEED)
     with torch.no_grad():
         for batch in tasks.episodes(episodes, seed, batch_size=run.config.eval_batch):
-            viewed = with_views(batch, support_views, query_views, generator)
+            viewed = with_views(batch, support_views, query_views, generator, elastic=elastic)
             logits = alg.adapt_and_predict(meta, viewed, 0)[:, 0]  # [tasks, views * queries, ways]
             logp = torch.log_softmax(logits.double(), -1)
             out.append(logp.unflatten(1, (query_views + 1, -1)).mean(1))
@@ -115,6 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="distorted copies each query's prediction is averaged over",
     )
     parser.add_argument(
+        "--view-augment",
+        choices=("affine", "elastic"),
+        default="affine",
+        help="the views' distortions, as training's --augment (default affine)",
+    )
+    parser.add_argument(
         "--search",
         action="store_true",
         help="score every subset of the runs too, best first (on validation)",
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = json.loads((args.runs[0] / "config.json").read_text())
     episodes = args.episodes or (first["eval_episodes"] if args.split == "test" else
                                  first["val_episodes"])  # fmt: skip
-    scored = [log_probs(run, args.split, episodes, *views) for run in args.runs]
+    elastic = args.view_augment == "elastic"
+    scored = [log_probs(run, args.split, episodes, *views, elastic) for run in args.runs]
     _, labels, prints = scored[0]
     for run, (_, other, other_prints) in zip(args.runs, scored, strict=True):
         if not torch.equal(labels, other) or not same_episodes(prints, other_prints):
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, (mean, ci) in rows.items():
         print(f"{name:60s} error {100 * mean:5.1f} ± {100 * ci:.1f}% ({args.split}, {episodes})")
     result = {"split": args.split, "episodes": episodes, "support_views": args.support_views,
-              "query_views": args.query_views,
+              "query_views": args.query_views, "view_augment": args.view_augment,
               "error": {k: {"mean": m, "ci95": c} for k, (m, c) in rows.items()}}  # fmt: skip
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -353,13 +353,17 @@ def test_test_time_views_add_distorted_copies_after_the_originals(root: Path, tm
     assert not torch.allclose(viewed.support_x[:, 3:6], viewed.support_x[:, 6:])
     again = ensemble.with_views(batch, 2, 1, torch.Generator().manual_seed(1))
     assert torch.equal(again.support_x, viewed.support_x)  # seeded: every run sees the same
+    bent = ensemble.with_views(batch, 2, 1, torch.Generator().manual_seed(1), elastic=True)
+    assert torch.equal(bent.support_x[:, :3], x)
+    assert not torch.allclose(bent.support_x[:, 3:], viewed.support_x[:, 3:])  # bent further
 
     run = tmp_path / "a"
     argv = [*TRAIN, "--data-root", str(root), "--run-dir", str(run)]
     assert main([*argv, "--iterations", "2"]) == 0
     result = ensemble.main([str(run), "--split", "test", "--support-views", "2",
-                            "--query-views", "2"])  # fmt: skip
+                            "--query-views", "2", "--view-augment", "elastic"])  # fmt: skip
     assert (result["support_views"], result["query_views"]) == (2, 2)
+    assert result["view_augment"] == "elastic"
     logp, labels, _ = ensemble.log_probs(run, "test", 6, 2, 2)
     assert logp.shape[:2] == labels.shape == (6, 2) and bool((logp <= 0).all())
 
