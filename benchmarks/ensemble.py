@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from metafunc.data import TaskBatch
-from metafunc.data.sampler import distort
+from metafunc.data.sampler import AUGMENTATIONS, distort
 from metafunc.harness.run import TEST_SEED, VALIDATION_SEED, load_run
 
-VIEW_SEED = 7  # the affine maps of the test-time views (the same for every run)
+VIEW_SEED = 7  # the distortions of the test-time views (the same for every run)
 
 
 def with_views(
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--view-augment",
-        choices=("affine", "elastic"),
+        choices=[name for name in AUGMENTATIONS if name != "none"],
         default="affine",
         help="the views' distortions, as training's --augment (default affine)",
     )

@@ -383,7 +383,8 @@ def elastic_field(n: int, height: int, width: int, generator: torch.Generator) -
     Simard et al. (2003)'s elastic deformation, uniform noise in ``[-1, 1]`` per pixel and axis
     smoothed by a Gaussian of σ = 4 px and scaled by α = 34 px, their values for 28 px digits.
     The field is drawn at 28 px on the short side and resized, so a drawing bends alike at every
-    image size."""
+    image size. Not torchvision's ``ElasticTransform``: it draws one field per call, from the
+    global random state; here every image has its own, from ``generator``."""
     device = generator.device
     h, w = 28, max(1, round(28 * width / height))
     sigma = 4.0
