@@ -21,6 +21,7 @@ from metafunc.data import (
     WithinAlphabetRuns,
     get_benchmark,
     load_omniglot,
+    mirrored_alphabets,
     omniglot_splits,
 )
 from metafunc.harness import Config, ConfigError
@@ -155,6 +156,30 @@ def test_within_alphabet_training_episodes_rotate_and_distort(root: Path) -> Non
         get_benchmark("omniglot-lake", root, train_protocol="lake")
 
 
+def test_mirrored_characters_are_new_training_characters(root: Path) -> None:
+    data = load_omniglot(root, "background", workers=1)
+    both = mirrored_alphabets(data)
+    assert both.num_classes == 2 * data.num_classes == 26
+    assert both.classes[13] == "images_background/Alpha@mirror/character01"
+    assert torch.equal(both.images[13:], data.images.flip(-1))
+    assert both.drawers is not None and data.drawers is not None
+    assert torch.equal(both.drawers[13:], data.drawers)
+    kw: dict[str, Any] = dict(ways=3, shots=1, queries=1, rotations=(0,))
+    plain = get_benchmark("omniglot-lake", root, **kw)
+    random = get_benchmark("omniglot-lake", root, mirror=True, **kw)
+    assert random.train.num_classes == 2 * plain.train.num_classes
+    runs = get_benchmark("omniglot-lake", root, mirror=True, train_protocol="within-alphabet",
+                         **kw).train  # fmt: skip
+    assert isinstance(runs, WithinAlphabetRuns) and runs.alphabets == 2 * 4
+    batch = runs.sample(12, torch.Generator().manual_seed(0))
+    corner = batch.support_x[:, :, 0, 0, -1]  # a mirrored drawing's pixel moves to the right
+    mirrored = (corner > 0).all(1)
+    assert mirrored.any() and not mirrored.all(), "tasks of mirrored and upright alphabets"
+    assert (batch.support_x[mirrored][..., 0, 0, 0] == 0).all()
+    for a, b in zip(random.test.episodes(4, 0), plain.test.episodes(4, 0), strict=True):
+        assert torch.equal(a.support_x, b.support_x), "evaluation characters are not mirrored"
+
+
 @pytest.mark.parametrize("augment", ["affine", "elastic"])
 def test_distortion_is_seeded_and_spares_evaluation(root: Path, augment: str) -> None:
     plain = get_benchmark("omniglot-lake", root, ways=3, queries=1).train
@@ -261,6 +286,7 @@ def test_cross_domain_eval(root: Path, tmp_path: Path) -> None:
         ({"protocol": "within-alphabet", "dataset": "cifar-fs"}, "has none. Drop it"),
         ({"validation_alphabets": 2, "dataset": "omniglot"}, "not omniglot"),
         ({"augment": "affine", "dataset": "mini-imagenet"}, "mini-imagenet is not supported"),
+        ({"mirror": True, "dataset": "cub"}, r"mirror \(--mirror\) .* cub's mirrored"),
         ({"halve_every": 10}, r"applies to protonet, r2d2, metaoptnet, not maml"),
         ({"image_size": 56, "dataset": "cifar-fs"}, "cifar-fs's are fixed. Drop it"),
         ({"train_protocol": "within-alphabet", "dataset": "cifar-fs"}, r"\(--train-protocol\)"),

@@ -21,7 +21,7 @@ from metafunc.data.dataset import ClassImages, ClassSplits, concat_classes, stac
 from metafunc.data.download import ChecksumError, check_md5, download_file, md5sum
 from metafunc.data.fc100 import FC100_SUPERCLASSES, fc100_splits
 from metafunc.data.folder import folder_splits, load_folder
-from metafunc.data.lake import WithinAlphabetRuns
+from metafunc.data.lake import WithinAlphabetRuns, mirrored_alphabets
 from metafunc.data.miniimagenet import load_mini_imagenet, mini_imagenet_splits
 from metafunc.data.omniglot import (
     OMNIGLOT_SOURCES,
@@ -72,6 +72,7 @@ __all__ = [
     "load_omniglot",
     "md5sum",
     "mini_imagenet_splits",
+    "mirrored_alphabets",
     "omniglot_splits",
     "safe_load",
     "sinusoid",

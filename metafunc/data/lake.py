@@ -30,7 +30,7 @@ from metafunc.data.sampler import (
     check_rotations,
 )
 
-__all__ = ["WithinAlphabetRuns", "alphabet_of"]
+__all__ = ["WithinAlphabetRuns", "alphabet_of", "mirrored_alphabets"]
 
 
 def alphabet_of(name: str) -> str:
@@ -162,6 +162,16 @@ class WithinAlphabetRuns:
         return (
             self._episodes.gather(rows[i : i + batch_size]) for i in range(0, count, batch_size)
         )
+
+
+def mirrored_alphabets(data: ClassImages) -> ClassImages:
+    """``data`` followed by its characters mirrored left to right, as new alphabets
+    ``<Alphabet>@mirror``: a mirrored character is another character, as a rotated one is, so
+    training sees twice the classes (and, with rotations, all eight symmetries of the square).
+    Drawers and counts are kept, so the mirrored alphabets form within-alphabet runs too."""
+    names = tuple(f"{alphabet_of(n)}@mirror/{n.rsplit('/', 1)[1]}" for n in data.classes)
+    mirrored = ClassImages(data.images.flip(-1), names, data.counts, data.drawers)
+    return concat_classes([data, mirrored], call="mirrored_alphabets")
 
 
 def _rotated_alphabets(data: ClassImages, rotations: Sequence[int], *, call: str) -> ClassImages:

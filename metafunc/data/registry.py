@@ -21,7 +21,7 @@ from metafunc.data.cub import cub_splits
 from metafunc.data.dataset import ClassImages, ClassSplits
 from metafunc.data.fc100 import fc100_splits
 from metafunc.data.folder import IMAGE_EXTENSIONS, folder_splits
-from metafunc.data.lake import WithinAlphabetRuns
+from metafunc.data.lake import WithinAlphabetRuns, mirrored_alphabets
 from metafunc.data.miniimagenet import mini_imagenet_splits
 from metafunc.data.omniglot import OMNIGLOT_URL, omniglot_splits
 from metafunc.data.sampler import EpisodeSampler, TaskSampler
@@ -113,6 +113,7 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
         protocol: str = "random",
         train_protocol: str = "random",
         augment: str = "none",
+        mirror: bool = False,
         cache_dir: str | os.PathLike[str] | None = None,
         cache: bool = True,
         download: bool = False,
@@ -130,6 +131,8 @@ def _omniglot(split: str) -> Callable[..., Benchmark]:
             image_size=image_size, resample=resample, cache_dir=cache_dir, cache=cache,
             download=download, base_url=base_url, workers=workers,
         )  # fmt: skip
+        if mirror:
+            splits = splits._replace(train=mirrored_alphabets(splits.train))
         made = _samplers(
             splits, c, rotations=rotations, eval_rotations=eval_rotations, augment=augment
         )
@@ -317,7 +320,9 @@ def get_benchmark(
             (or ``"within-alphabet"``: Lake et al.'s runs for validation and test,
             :data:`PROTOCOLS`), ``train_protocol="random"`` (or within-alphabet training episodes,
             rotations and augmentation included), ``augment="none"`` (``"affine"``: training images
-            distorted, :class:`~metafunc.data.EpisodeSampler`), ``cache_dir``, ``cache``,
+            distorted, :class:`~metafunc.data.EpisodeSampler`), ``mirror=False`` (training
+            characters mirrored as new ones, :func:`~metafunc.data.lake.mirrored_alphabets`),
+            ``cache_dir``, ``cache``,
             ``download``, ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``, ``resample``,
             ``mean``, ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS: ``mean``, ``std``.
             tiered-ImageNet: ``image_size=84``, ``resample``, ``mean``, ``std``, ``cache_dir``,

@@ -51,6 +51,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "rotate_test": ("task", "Omniglot: test classes rotated by 90-degree multiples as new ones"),
     "protocol": ("task", "Omniglot evaluation: random episodes, or Lake et al.'s runs"),
     "augment": ("task", "Omniglot: training images distorted: affine maps, + elastic bends"),
+    "mirror": ("task", "Omniglot: training characters mirrored as new characters too"),
     "train_protocol": ("task", "Omniglot training episodes: random, or within one alphabet"),
     "image_size": ("task", "image side in pixels (default: the benchmark's, Omniglot 28)"),
     "validation_alphabets": ("task", "Omniglot Lake splits: alphabets held out to validate"),
@@ -187,6 +188,7 @@ class Config:
     train_protocol: str = "random"
     image_size: int | None = None
     augment: str = "none"
+    mirror: bool = False
     validation_alphabets: int = 0
     meta_batch: int = 25
     iterations: int = 5000
@@ -256,6 +258,11 @@ class Config:
             raise ConfigError(
                 f"config: augment={self.augment!r} (--augment) distorts Omniglot's strokes on "
                 f"black; {self.dataset} is not supported. Drop it."
+            )
+        if self.mirror and not self.dataset.startswith("omniglot"):
+            raise ConfigError(
+                f"config: mirror (--mirror) makes new Omniglot characters of mirrored ones; "
+                f"{self.dataset}'s mirrored images are the same classes. Drop it."
             )
         lake_split = self.dataset in ("omniglot-lake", "omniglot-small1", "omniglot-small2")
         for key in ("protocol", "train_protocol"):

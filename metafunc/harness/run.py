@@ -226,6 +226,8 @@ def build(cfg: Config) -> Run:
             options["validation_alphabets"] = cfg.validation_alphabets
         if cfg.augment != "none":
             options["augment"] = cfg.augment
+        if cfg.mirror:
+            options["mirror"] = True
         if cfg.train_protocol != "random":
             options["train_protocol"] = cfg.train_protocol
     if cfg.image_size is not None:
