@@ -180,6 +180,14 @@ def test_mirrored_characters_are_new_training_characters(root: Path) -> None:
         assert torch.equal(a.support_x, b.support_x), "evaluation characters are not mirrored"
 
 
+def test_mirrored_alphabets_refuse_classes_without_alphabets() -> None:
+    flat = ClassImages(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), ("a", "b"))
+    with pytest.raises(ValueError, match=r"mirrored_alphabets\(data\): class names must read"):
+        mirrored_alphabets(flat)
+    with pytest.raises(TypeError, match="data must be a ClassImages, got Tensor"):
+        mirrored_alphabets(torch.zeros(2, 3, 4, 4))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("augment", ["affine", "elastic"])
 def test_distortion_is_seeded_and_spares_evaluation(root: Path, augment: str) -> None:
     plain = get_benchmark("omniglot-lake", root, ways=3, queries=1).train

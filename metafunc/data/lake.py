@@ -169,9 +169,15 @@ def mirrored_alphabets(data: ClassImages) -> ClassImages:
     ``<Alphabet>@mirror``: a mirrored character is another character, as a rotated one is, so
     training sees twice the classes (and, with rotations, all eight symmetries of the square).
     Drawers and counts are kept, so the mirrored alphabets form within-alphabet runs too."""
-    names = tuple(f"{alphabet_of(n)}@mirror/{n.rsplit('/', 1)[1]}" for n in data.classes)
+    call = "mirrored_alphabets(data)"
+    if not isinstance(data, ClassImages):
+        raise TypeError(
+            f"{call}: data must be a ClassImages, got {type(data).__name__}; load Omniglot with "
+            "metafunc.data.load_omniglot."
+        )
+    names = _alphabet_names(data, "mirror", call=call)
     mirrored = ClassImages(data.images.flip(-1), names, data.counts, data.drawers)
-    return concat_classes([data, mirrored], call="mirrored_alphabets")
+    return concat_classes([data, mirrored], call=call)
 
 
 def _rotated_alphabets(data: ClassImages, rotations: Sequence[int], *, call: str) -> ClassImages:
@@ -182,7 +188,20 @@ def _rotated_alphabets(data: ClassImages, rotations: Sequence[int], *, call: str
         if angle == 0:
             parts.append(data)
             continue
-        names = tuple(f"{alphabet_of(n)}@rot{angle}/{n.rsplit('/', 1)[1]}" for n in data.classes)
+        names = _alphabet_names(data, f"rot{angle}", call=call)
         images = torch.rot90(data.images, k=angle // 90, dims=(-2, -1))
         parts.append(ClassImages(images, names, data.counts, data.drawers))
     return parts[0] if len(parts) == 1 else concat_classes(parts, call=call)
+
+
+def _alphabet_names(data: ClassImages, tag: str, *, call: str) -> tuple[str, ...]:
+    """``data``'s class names moved to new alphabets ``<Alphabet>@<tag>``, for transformed
+    copies of its characters."""
+    odd = [n for n in data.classes if "/" not in n]
+    if odd:
+        raise ValueError(
+            f"{call}: class names must read '<Alphabet>/<character>' (load_omniglot's are "
+            f"'<set>/<Alphabet>/characterNN'), got {odd[0]!r}; name each class by its alphabet "
+            "and character."
+        )
+    return tuple(f"{alphabet_of(n)}@{tag}/{n.rsplit('/', 1)[1]}" for n in data.classes)

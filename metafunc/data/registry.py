@@ -322,9 +322,9 @@ def get_benchmark(
             rotations and augmentation included), ``augment="none"`` (``"affine"``: training images
             distorted, :class:`~metafunc.data.EpisodeSampler`), ``mirror=False`` (training
             characters mirrored as new ones, :func:`~metafunc.data.lake.mirrored_alphabets`),
-            ``cache_dir``, ``cache``,
-            ``download``, ``base_url``, ``workers``. mini-ImageNet: ``image_size=84``, ``resample``,
-            ``mean``, ``std``, ``cache_dir``, ``cache``, ``workers``. CIFAR-FS: ``mean``, ``std``.
+            ``cache_dir``, ``cache``, ``download``, ``base_url``, ``workers``. mini-ImageNet:
+            ``image_size=84``, ``resample``, ``mean``, ``std``, ``cache_dir``, ``cache``,
+            ``workers``. CIFAR-FS: ``mean``, ``std``.
             tiered-ImageNet: ``image_size=84``, ``resample``, ``mean``, ``std``, ``cache_dir``,
             ``cache``, ``workers``. CUB: the same and ``crop="none"`` (or ``"bbox"``). FC100:
             ``mean``, ``std``, ``download``. Folder: ``split`` (required), ``image_size=84``,
